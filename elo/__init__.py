@@ -1,0 +1,18 @@
+"""elo: Efficient Layer-Specific Optimization (arXiv 2601.03648) for language adaptation of LLMs, in pure PyTorch."""
+from elo.checkpoint import load_model, resolve, save_model
+from elo.config import ModelConfig
+from elo.model import Transformer
+from elo.surgery import detach, detach_checkpoint, splice, splice_checkpoint
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The model's tokenizer (see elo.tokenizer)."""
+    from elo.tokenizer import load_tokenizer as _load
+
+    return _load(name_or_path)
+
+
+__all__ = ["DEFAULT_MODEL", "ModelConfig", "Transformer", "load_model", "save_model", "load_tokenizer", "resolve",
+           "detach", "splice", "detach_checkpoint", "splice_checkpoint"]

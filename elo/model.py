@@ -1,0 +1,206 @@
+"""A Llama / Mistral / Qwen2 decoder in plain PyTorch.
+
+Parameter names are Hugging Face's (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`,
+`model.norm.weight`, `lm_head.weight`), so a HF safetensors checkpoint loads with no renaming and no permutation.
+Decoder layers live in a ModuleDict keyed by their index in the original model: a detached ELO submodel holding
+layers 0 and 31 of a 32-layer model has parameters `model.layers.0.*` and `model.layers.31.*`, an exact subset of
+the full model's state dict.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from elo.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32, scale in the input dtype: bit-for-bit what HF does in bf16
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse RoPE frequencies, with Llama 3.1 / linear scaling when the config asks for it."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions; holds no weights (the buffer is not saved)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, head_dim / 2), in fp32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # HF's rotate-half layout: the first and second halves of each head form the rotated pairs
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: preallocated, filled left to right."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_seq_len = max_seq_len
+        self.pos = 0  # number of positions already filled
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def attention_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> Tensor | None:
+    """Boolean mask (True = attend) for queries at the last q_len of kv_len positions; None when SDPA's own
+    `is_causal` (queries and keys aligned at 0) or no mask at all (a single query, no window) is exact."""
+    if window is None or kv_len <= window:
+        if q_len == kv_len or q_len == 1:
+            return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # causal without a materialised mask when queries and keys start together (training, prefill): flash-eligible
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.name_or_path: str | None = None  # where the weights came from (tokenizer files are copied from there)
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleDict({str(i): DecoderLayer(config) for i in config.layer_ids}),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = RotaryEmbedding(config)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state_dict: Mapping[str, Tensor]) -> "Transformer":
+        """Build a model around existing tensors, without first allocating and initialising random weights."""
+        with torch.device("meta"):
+            model = cls(config)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            missing = [k for k in missing if k != "lm_head.weight"]
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True untied them
+        if missing or unexpected:
+            raise ValueError(f"state dict does not match the {config.architecture} config: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.rope = RotaryEmbedding(config, device=model.model.embed_tokens.weight.device)
+        return model
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those it holds."""
+        T = input_ids.shape[1]
+        start = cache.pos if cache is not None else 0
+        if cache is not None and start + T > cache.max_seq_len:
+            raise ValueError(f"KV cache holds {cache.max_seq_len} positions; {start} used + {T} new do not fit")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
+        masks = {w: attention_mask(T, start + T, w, x.device) for w in {self.config.window(i) for i in range(len(self.model.layers))}}
+        for i, layer in enumerate(self.model.layers.values()):
+            x = layer(x, cos, sin, masks[self.config.window(i)], cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.model.norm(x))

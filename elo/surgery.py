@@ -1,0 +1,165 @@
+"""ELO surgery: detach the embedding, chosen decoder layers, final norm and head into a small standalone model,
+and splice trained layers back into the full model, in memory or checkpoint to checkpoint.
+
+Layers are numbered from 1 as in the paper: `[1, 32]` are the first and last layers of a 32-layer model, and
+negative numbers count from the end (`-1` is the last). Because parameter names keep the original layer index,
+splicing is a copy by name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from elo.checkpoint import (INDEX_NAME, CheckpointReader, _atomic_dir, copy_side_files, disk_name, load_config,
+                            memory_name, resolve, write_config, write_shards)
+from elo.config import ModelConfig
+from elo.model import Transformer
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def parse_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
+    """1-based layer numbers (ints or "1,32") -> sorted 0-based indices, with clear errors."""
+    if isinstance(layers, str):
+        try:
+            layers = [int(s) for s in layers.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"layers {layers!r} must be comma-separated integers such as '1,{num_layers}'") from None
+    if not layers:
+        raise ValueError("no layers given; expected 1-based layer numbers such as [1, %d]" % num_layers)
+    ids = []
+    for n in layers:
+        if n == 0 or not -num_layers <= n <= num_layers:
+            raise ValueError(f"layer {n} is out of range: layers are numbered 1..{num_layers} "
+                             f"(or -1..-{num_layers} from the end) for this {num_layers}-layer model")
+        ids.append(n - 1 if n > 0 else num_layers + n)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"layers {list(layers)} name the same layer twice")
+    return sorted(ids)
+
+
+def fingerprint(norm_weight: Tensor, embed_rows: Tensor) -> str:
+    """Identity of a base model: the final norm and the first embedding rows, rounded to bf16 so that fp32 and
+    bf16 loads of one checkpoint agree."""
+    h = hashlib.sha256()
+    for t in (norm_weight, embed_rows):
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_fingerprint(model: Transformer) -> str:
+    return fingerprint(model.model.norm.weight, model.model.embed_tokens.weight[:4])
+
+
+def _sub_config(base: ModelConfig, ids: list[int], base_name: str | None, fp: str) -> ModelConfig:
+    if base.elo is not None:
+        raise ValueError(f"this model is already an ELO submodel of {base.elo['base']!r}; detach from the full model")
+    return base.replace(
+        num_hidden_layers=len(ids), layer_ids=ids, layer_types=[base.layer_types[i] for i in ids],
+        elo={"base": base_name, "base_num_hidden_layers": base.num_hidden_layers,
+             "layers": [i + 1 for i in ids], "fingerprint": fp},
+    )
+
+
+def _keep(name: str, ids: list[int]) -> bool:
+    m = _LAYER.match(name)
+    return m is None or int(m[1]) in ids
+
+
+def detach(model: Transformer, layers: Sequence[int] | str) -> Transformer:
+    """A standalone copy of the embedding, the given decoder layers (1-based), the final norm and the head."""
+    ids = parse_layers(layers, model.config.num_hidden_layers)
+    config = _sub_config(model.config, ids, model.name_or_path, _model_fingerprint(model))
+    state = {n: t.detach().clone() for n, t in model.state_dict().items() if _keep(n, ids)}
+    sub = Transformer.from_state_dict(config, state)
+    sub.name_or_path = model.name_or_path
+    return sub
+
+
+def _check_base(sub: ModelConfig, base: ModelConfig, base_fp: str, where: str) -> None:
+    if sub.elo is None:
+        raise ValueError("the second model is not an ELO submodel (its config has no 'elo' record); detach one first")
+    if base.elo is not None:
+        raise ValueError(f"{where} is itself an ELO submodel; splice into the full base model")
+    n = sub.elo["base_num_hidden_layers"]
+    shape = lambda c: (c.architecture, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.vocab_size)
+    if n != base.num_hidden_layers or shape(sub) != shape(base):
+        raise ValueError(f"submodel was detached from a {n}-layer {shape(sub)} model ({sub.elo['base']!r}); "
+                         f"{where} is a {base.num_hidden_layers}-layer {shape(base)} model")
+    if sub.elo["fingerprint"] != base_fp:
+        raise ValueError(f"submodel was detached from {sub.elo['base']!r} (fingerprint {sub.elo['fingerprint']}); "
+                         f"{where} is a different model (fingerprint {base_fp})")
+
+
+@torch.no_grad()
+def splice(model: Transformer, sub: Transformer) -> Transformer:
+    """Copy the submodel's layers (and its embedding, norm and head, changed only if they were trained) into
+    `model`, in place."""
+    _check_base(sub.config, model.config, _model_fingerprint(model), "the target model")
+    target = model.state_dict()
+    for name, t in sub.state_dict().items():
+        target[name].copy_(t)
+    return model
+
+
+def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: str | os.PathLike) -> Path:
+    """`detach` from checkpoint to checkpoint, reading only the tensors the submodel needs."""
+    directory = resolve(src)
+    base = load_config(directory)
+    reader = CheckpointReader(directory)
+    ids = parse_layers(layers, base.num_hidden_layers)
+    names = [n for n in reader.keys() if _keep(n, ids) and "rotary_emb" not in n]
+    embed_rows = reader.get_rows("model.embed_tokens.weight", 4)
+    config = _sub_config(base, ids, str(src), fingerprint(reader.get("model.norm.weight"), embed_rows))
+    dtype = embed_rows.dtype
+
+    def fill(tmp: Path) -> None:
+        write_shards(((disk_name(n, config), reader.get(n)) for n in names), tmp)
+        write_config(config, dtype, tmp)
+        copy_side_files(directory, tmp)
+
+    return _atomic_dir(Path(out), fill)
+
+
+def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """`splice` from checkpoint to checkpoint: stream the base shard by shard (memory: largest shard + submodel),
+    replacing the tensors the submodel holds; shard layout, config and tokenizer files are the base's."""
+    base_dir, sub_dir = resolve(base), resolve(sub)
+    base_config, sub_config = load_config(base_dir), load_config(sub_dir)
+    base_reader, sub_reader = CheckpointReader(base_dir), CheckpointReader(sub_dir)
+    fp = fingerprint(base_reader.get("model.norm.weight"), base_reader.get_rows("model.embed_tokens.weight", 4))
+    _check_base(sub_config, base_config, fp, str(base))
+    replacements = {memory_name(n, sub_config): sub_reader.get(n) for n in sub_reader.keys()}
+    unknown = sorted(set(replacements) - set(base_reader.keys()))
+    if unknown:
+        raise ValueError(f"submodel tensors {unknown[:3]} have no counterpart in the base checkpoint {base_dir}")
+
+    def fill(tmp: Path) -> None:
+        for file in base_reader.files():
+            with safe_open(base_dir / file, framework="pt") as f:
+                shard = {}
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    new = replacements.get(name)
+                    if new is not None:
+                        if new.shape != t.shape:
+                            raise ValueError(f"{name}: submodel shape {tuple(new.shape)} != base shape {tuple(t.shape)}")
+                        t = new.to(t.dtype)
+                    shard[name] = t
+                metadata = f.metadata() or {"format": "pt"}
+            save_file(shard, tmp / file, metadata=metadata)
+            del shard
+        if (base_dir / INDEX_NAME).is_file():
+            (tmp / INDEX_NAME).write_bytes((base_dir / INDEX_NAME).read_bytes())
+        (tmp / "config.json").write_bytes((base_dir / "config.json").read_bytes())
+        copy_side_files(base_dir, tmp)
+
+    return _atomic_dir(Path(out), fill)
