@@ -2,7 +2,7 @@
 from elo.checkpoint import load_model, resolve, save_model
 from elo.config import ModelConfig
 from elo.model import Transformer
-from elo.surgery import detach, detach_checkpoint, splice, splice_checkpoint
+from elo.surgery import detach, detach_checkpoint, load_detached, splice, splice_checkpoint
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -15,4 +15,4 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
 
 
 __all__ = ["DEFAULT_MODEL", "ModelConfig", "Transformer", "load_model", "save_model", "load_tokenizer", "resolve",
-           "detach", "splice", "detach_checkpoint", "splice_checkpoint"]
+           "detach", "load_detached", "splice", "detach_checkpoint", "splice_checkpoint"]

@@ -110,21 +110,36 @@ def splice(model: Transformer, sub: Transformer) -> Transformer:
     return model
 
 
-def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: str | os.PathLike) -> Path:
-    """`detach` from checkpoint to checkpoint, reading only the tensors the submodel needs."""
+def _detached(src: str | os.PathLike, layers: Sequence[int] | str) -> tuple[ModelConfig, CheckpointReader, list[str]]:
+    """The submodel's config and the names of the checkpoint tensors it needs (nothing read but norm and 4 rows)."""
     directory = resolve(src)
     base = load_config(directory)
     reader = CheckpointReader(directory)
     ids = parse_layers(layers, base.num_hidden_layers)
+    fp = fingerprint(reader.get("model.norm.weight"), reader.get_rows("model.embed_tokens.weight", 4))
     names = [n for n in reader.keys() if _keep(n, ids) and "rotary_emb" not in n]
-    embed_rows = reader.get_rows("model.embed_tokens.weight", 4)
-    config = _sub_config(base, ids, str(src), fingerprint(reader.get("model.norm.weight"), embed_rows))
-    dtype = embed_rows.dtype
+    return _sub_config(base, ids, str(src), fp), reader, names
+
+
+def load_detached(src: str | os.PathLike, layers: Sequence[int] | str, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Transformer:
+    """`detach(load_model(src), layers)`, reading only the tensors the submodel needs (two layers of a 70B model
+    are read, not seventy billion parameters)."""
+    config, reader, names = _detached(src, layers)
+    sub = Transformer.from_state_dict(config, {n: reader.get(n).to(device=device, dtype=dtype) for n in names})
+    sub.name_or_path = str(src)
+    return sub
+
+
+def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: str | os.PathLike) -> Path:
+    """`detach` from checkpoint to checkpoint, reading only the tensors the submodel needs."""
+    config, reader, names = _detached(src, layers)
+    dtype = reader.get_rows("model.embed_tokens.weight", 1).dtype
 
     def fill(tmp: Path) -> None:
         write_shards(((disk_name(n, config), reader.get(n)) for n in names), tmp)
         write_config(config, dtype, tmp)
-        copy_side_files(directory, tmp)
+        copy_side_files(reader.directory, tmp)
 
     return _atomic_dir(Path(out), fill)
 

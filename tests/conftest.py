@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if "OMP_NUM_THREADS" not in os.environ:  # CI: use both cores; a busy dev box may ask for fewer
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

@@ -106,3 +106,37 @@ def test_config_roundtrip_both_rope_spellings(tiny):
     assert hf_again.rope_parameters == hf.config.rope_parameters
     if arch == "qwen2":  # the one config class with layer_types
         assert hf_again.layer_types == hf.config.layer_types
+
+
+@pytest.fixture(scope="module")
+def default_model_dir():
+    return elo.resolve(elo.DEFAULT_MODEL)
+
+
+def shared_texts(n: int = 2) -> dict[str, list[str]]:
+    from tests.conftest import DATA
+
+    if not DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    files = {"ko": "ko_wikipedia.jsonl", "ja": "ja_aozora.jsonl", "en": "en_wikipedia.jsonl"}
+    texts = {}
+    for lang, name in files.items():
+        with open(DATA / "pretrain" / name, encoding="utf-8") as f:
+            texts[lang] = [json.loads(next(f))["text"] for _ in range(n)]
+    return texts
+
+
+def test_default_model_logits_match_transformers(default_model_dir):
+    """SmolLM2-135M-Instruct (30 layers, tied) on Korean, Japanese and English text, fp32 CPU."""
+    import tokenizers
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+    model = elo.load_model(elo.DEFAULT_MODEL)
+    tok = tokenizers.Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
+    for lang, texts in shared_texts().items():
+        ids = torch.tensor([tok.encode(t).ids[:128] for t in texts])
+        with torch.no_grad():
+            diff = (model(ids) - hf(ids).logits).abs().max().item()
+        assert diff <= TOL, (lang, diff)

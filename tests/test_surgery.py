@@ -151,3 +151,11 @@ def test_splice_checkpoint_refuses_other_base(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="different model"):
         elo.splice_checkpoint(tmp_path / "other", sub_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_load_detached_equals_detach(tiny):
+    arch, directory, _ = tiny
+    sub = elo.load_detached(directory, "1,-1")
+    mem = elo.detach(elo.load_model(directory), [1, 4])
+    assert sub.config == mem.config
+    assert all(torch.equal(t, mem.state_dict()[n]) for n, t in sub.state_dict().items())

@@ -1,0 +1,249 @@
+"""Chat templates rendered in Python, without jinja.
+
+A tokenizer's `chat_template` is the raw jinja string from its tokenizer_config.json. Rather than interpreting
+jinja, we recognise which known template it is and render that template's logic directly, byte for byte what
+transformers' `apply_chat_template(messages, tokenize=False)` produces for plain system/user/assistant messages
+(no tools). Recognition is by signature: every fragment listed for a variant must occur in the template (whitespace
+between tokens, the quote style, `x['key']` vs `x.key` and a newline written as `\\n` do not matter; the text inside
+string literals does). A template matching no variant is an error, never a guess.
+
+Supported (tests/test_chat.py checks each against transformers on the real template strings):
+- ChatML with or without a default system prompt: SmolLM2, Qwen2, Qwen2.5 (no tools), OpenHermes-style.
+- Llama 3 (`<|start_header_id|>`), and Llama 3.1 / 3.2 with their "Cutting Knowledge Date" system block.
+- Mistral: v0.1 and v0.2/Mixtral as first released (no system role), their 2024 revision (system message
+  prepended to the first user turn), and v0.3 (system message prepended to the last user turn).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+def _pattern(fragment: str) -> str:
+    """Regex for a template fragment: literal text exact (either quote, newline as itself or `\\n`), any
+    whitespace between the tokens outside literals."""
+    parts, i = [], 0
+    while i < len(fragment):
+        c = fragment[i]
+        if c in "'\"":
+            end = fragment.index(c, i + 1)
+            body = "".join(r"(?:\n|\\n)" if ch == "\n" else re.escape(ch) for ch in fragment[i + 1:end])
+            parts.append(f"['\"]{body}['\"]")
+            i = end + 1
+        elif c.isspace():
+            i += 1
+            continue
+        else:
+            parts.append(re.escape(c))
+            i += 1
+        parts.append(r"\s*")
+    return "".join(parts)
+
+
+def _normalise(template: str) -> str:
+    # message['content'] / message["content"] -> message.content: both spellings mean the same in jinja
+    return re.sub(r"(?<=[\w\])])\[\s*(['\"])(\w+)\1\s*\]", r".\2", template)
+
+
+def _has_all(template: str, fragments: tuple[str, ...]) -> bool:
+    return all(re.search(_pattern(f), template) for f in fragments)
+
+
+# ---- ChatML (<|im_start|>role\n...<|im_end|>\n) ----
+
+_CHATML = (
+    "'<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n'",
+    "'<|im_start|>assistant\n'",
+)
+# a default system prompt is a literal system turn inside the template
+_CHATML_DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"]+?)<\|im_end\|>""")
+
+
+def _render_chatml(messages: list[Message], add_generation_prompt: bool, default_system: str | None) -> str:
+    out = []
+    if default_system is not None and messages[0]["role"] != "system":
+        out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+    out += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+# ---- Llama 3 ----
+
+_LLAMA3_TURN = "'<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>'"
+_LLAMA3_HEADER = "'<|start_header_id|>assistant<|end_header_id|>\n\n'"
+_LLAMA3 = (_LLAMA3_TURN, _LLAMA3_HEADER, "set content = bos_token + content")
+_LLAMA31 = (
+    _LLAMA3_TURN, _LLAMA3_HEADER, "bos_token",
+    "set system_message = messages[0].content|trim",
+    "'<|start_header_id|>system<|end_header_id|>\n\n'",
+    "'Cutting Knowledge Date: December 2023\n'",
+    "'Today Date: ' + date_string + '\n\n'",
+    "system_message",
+)
+
+
+def _llama_turn(m: Message) -> str:
+    return f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+
+
+def _render_llama3(messages: list[Message], add_generation_prompt: bool, bos: str) -> str:
+    out = bos + "".join(_llama_turn(m) for m in messages)
+    return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+def _render_llama31(messages: list[Message], add_generation_prompt: bool, bos: str,
+                    date: Callable[[], str]) -> str:
+    system = ""
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+    out = (f"{bos}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+           f"Today Date: {date()}\n\n{system}<|eot_id|>")
+    return _render_llama3(messages, add_generation_prompt, out)
+
+
+def _llama31_date(template: str) -> Callable[[], str]:
+    # Llama 3.2 asks the renderer for today's date (transformers provides strftime_now); 3.1 has a fixed default
+    now = re.search(r"""strftime_now\(\s*['"]([^'"]+)['"]\s*\)""", template)
+    if now:
+        return lambda: datetime.datetime.now().strftime(now.group(1))
+    fixed = re.search(r"""set\s+date_string\s*=\s*['"]([^'"]+)['"]""", template)
+    if not fixed:
+        raise ValueError(f"Llama 3.1 chat template without a default date_string: {template[:80]!r}")
+    return lambda: fixed.group(1)
+
+
+# ---- Mistral [INST] ----
+
+# (name, signature, user prefix, user suffix, assistant prefix, assistant suffix after eos, strip the assistant
+#  turn, where a system message goes: None = not allowed, "first" or "last" user turn)
+_MISTRAL = (
+    ("mistral-v0.1", ("bos_token", "'[INST] ' + message.content + ' [/INST]'", "message.content + eos_token + ' '"),
+     "[INST] ", " [/INST]", "", " ", False, None),
+    ("mistral-v0.2", ("bos_token", "'[INST] ' + message.content + ' [/INST]'", "message.content + eos_token"),
+     "[INST] ", " [/INST]", "", "", False, None),
+    ("mistral-2024", ("bos_token", "' [INST] ' + system_message + '\n\n' + message.content + ' [/INST]'",
+                      "' [INST] ' + message.content + ' [/INST]'", "' ' + message.content + eos_token",
+                      "loop.first and system_message is defined"),
+     " [INST] ", " [/INST]", " ", "", False, "first"),
+    ("mistral-v0.3", ("bos_token", "'[INST] ' + system_message + '\n\n' + message.content + '[/INST]'",
+                      "'[INST] ' + message.content + '[/INST]'", "' ' + message.content|trim + eos_token",
+                      "loop.last and system_message is defined"),
+     "[INST] ", "[/INST]", " ", "", True, "last"),
+)
+
+
+def _render_mistral(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, name: str,
+                    user_prefix: str, user_suffix: str, asst_prefix: str, asst_suffix: str, strip: bool,
+                    system_at: str | None) -> str:
+    system = None
+    if system_at is not None and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    out = [bos]
+    for i, m in enumerate(messages):
+        if (m["role"] == "user") != (i % 2 == 0):
+            raise ValueError(f"{name} chat template: roles must alternate user/assistant/user/... after an optional "
+                             f"{'system message' if system_at else 'nothing (no system role)'}; got "
+                             f"{[m['role'] for m in messages]}")
+        if m["role"] == "user":
+            at_system = system is not None and i == (0 if system_at == "first" else len(messages) - 1)
+            content = f"{system}\n\n{m['content']}" if at_system else m["content"]
+            out.append(f"{user_prefix}{content}{user_suffix}")
+        else:
+            content = m["content"].strip() if strip else m["content"]
+            out.append(f"{asst_prefix}{content}{eos}{asst_suffix}")
+    return "".join(out)  # Mistral templates add nothing for add_generation_prompt
+
+
+# ---- recognition ----
+
+Renderer = Callable[[list[Message], bool, str, str], str]
+
+
+def _chatml(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *, default: str | None) -> str:
+    return _render_chatml(messages, add_generation_prompt, default)
+
+
+def _llama3(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str) -> str:
+    return _render_llama3(messages, add_generation_prompt, bos)
+
+
+def _llama31(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
+             date: Callable[[], str]) -> str:
+    return _render_llama31(messages, add_generation_prompt, bos, date)
+
+
+def _mistral(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *, name: str,
+             layout: tuple) -> str:
+    return _render_mistral(messages, add_generation_prompt, bos, eos, name, *layout)
+
+
+@functools.lru_cache(maxsize=16)
+def chat_renderer(template: str) -> tuple[str, Renderer]:
+    """(family name, render(messages, add_generation_prompt, bos_token, eos_token)) for a raw jinja template."""
+    t = _normalise(template)
+    if _has_all(t, _CHATML) and not re.search(r"\b(bos|eos)_token\b", t):
+        defaults = {d.replace("\\n", "\n") for d in _CHATML_DEFAULT_SYSTEM.findall(t)}
+        if len(defaults) > 1 or any("\\" in d for d in defaults):
+            raise ValueError(f"unsupported ChatML chat template (default system prompt {sorted(defaults)}): "
+                             f"{template[:80]!r}")
+        return "chatml", functools.partial(_chatml, default=defaults.pop() if defaults else None)
+    if _has_all(t, _LLAMA31):
+        return "llama3.1", functools.partial(_llama31, date=_llama31_date(t))
+    if _has_all(t, _LLAMA3) and "Cutting Knowledge Date" not in t:
+        return "llama3", _llama3
+    for name, signature, *layout in _MISTRAL:
+        if _has_all(t, signature) and "<<SYS>>" not in t:
+            return name, functools.partial(_mistral, name=name, layout=tuple(layout))
+    raise ValueError(f"unrecognised chat template {template[:80]!r}; expected ChatML (SmolLM2, Qwen2/2.5), "
+                     "Llama 3/3.1/3.2 or Mistral [INST]")
+
+
+def _check(messages: list[Message]) -> None:
+    if not messages:
+        raise ValueError("messages is empty; expected at least one {'role': ..., 'content': ...} message")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"bad chat message {m!r}; expected {{'role': one of {ROLES}, 'content': str}}")
+
+
+def _token_text(tokenizer: Any, token_id: int | None) -> str:
+    # transformers renders an unset bos/eos token as "" (an undefined jinja variable)
+    if token_id is None:
+        return ""
+    by_id = {i: s for s, i in tokenizer.special_tokens.items()}
+    return by_id[token_id] if token_id in by_id else tokenizer.decode([token_id])
+
+
+def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """The prompt text for `messages` under the tokenizer's chat template, as transformers' apply_chat_template
+    (tokenize=False) renders it. Encode it with special tokens parsed and no extra BOS (the template has it)."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat_template; expected an instruct model's tokenizer")
+    _check(messages)
+    _, render = chat_renderer(tokenizer.chat_template)
+    return render(messages, add_generation_prompt, _token_text(tokenizer, tokenizer.bos_id),
+                  _token_text(tokenizer, tokenizer.eos_id))
+
+
+# tokens that end an assistant turn, besides the tokenizer's EOS
+_END_OF_TURN = {"chatml": ("<|im_end|>", "<|endoftext|>"), "llama3": ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")}
+
+
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Ids that end the assistant's turn: the EOS token and the template family's end-of-turn tokens."""
+    family = chat_renderer(tokenizer.chat_template)[0] if tokenizer.chat_template else ""
+    names = _END_OF_TURN.get(family.split(".")[0], ())
+    ids = {tokenizer.special_tokens[n] for n in names if n in tokenizer.special_tokens}
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS or end-of-turn token; generation could not stop")
+    return ids

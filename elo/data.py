@@ -1,0 +1,443 @@
+"""Pretraining data: read text files, tokenize them once into a cached memmap, pack each language into fixed-length
+windows, and draw a deterministic, resumable, rank-sharded mixture of languages in exact token proportions.
+
+The training loop needs two calls:
+
+    sampler, info = build_dataset({"ko": [...], "en": [...]}, tokenizer, seq_len, mix, seed, rank, world_size)
+    batch = sampler.next_batch(micro_batch_size)   # Batch(inputs [B, T], targets [B, T], langs)
+
+and `sampler.state_dict()` / `load_state_dict()` for checkpoints, `sampler.val_batches(lang, B)` for evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+_CHUNK_CHARS = 1 << 20  # characters handed to encode_batch at a time: big enough for its threads, small in memory
+_MAX_VAL_SEQUENCES = 64
+_CACHE_FORMAT = 1  # bump when the cache layout changes
+
+
+class TextTokenizer(Protocol):
+    """What the pipeline needs from a tokenizer (elo.tokenizer.Tokenizer has it)."""
+
+    eos_id: int | None
+    vocab_size: int
+    digest: str
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # LongTensor [B, T]
+    targets: torch.Tensor  # LongTensor [B, T]: inputs shifted left by one
+    langs: list[str]  # language of each row
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    lang: str
+    files: tuple[str, ...]
+    cache_path: str
+    tokens: int
+    train_sequences: int
+    val_sequences: int
+    cached: bool  # True: memory-mapped from an earlier run, nothing tokenized
+    seconds: float  # time to read + tokenize + write the cache (0.0 when cached)
+    tokens_per_s: float | None  # None when cached
+
+
+# ---- reading ----
+
+def read_documents(path: str | os.PathLike, field: str = "text") -> Iterator[str]:
+    """Documents of one file: `.jsonl` (the string `field` of each object; blank lines skipped) or `.txt`
+    (documents separated by blank lines). Empty documents are skipped; a file with none is an error."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".txt"):
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .jsonl or .txt")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    count = 0
+    paragraph: list[str] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+            if path.suffix == ".txt":
+                if line.strip():
+                    paragraph.append(line)
+                    continue
+                text, paragraph = "".join(paragraph).rstrip("\r\n"), []
+            elif not line.strip():
+                continue
+            else:
+                text = _json_text(line, field, path, lineno)
+            if text:
+                count += 1
+                yield text
+    if paragraph:
+        count += 1
+        yield "".join(paragraph).rstrip("\r\n")
+    if count == 0:
+        raise ValueError(f"{path}: no documents (empty file)")
+
+
+def _json_text(line: str, field: str, path: Path, lineno: int) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or field not in obj:
+        raise ValueError(f"{path}:{lineno}: no {field!r} field in the JSON line")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{lineno}: field {field!r} is a {type(text).__name__}, expected a string")
+    return text
+
+
+# ---- tokenizing into the cache ----
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ELO_CACHE") or Path.home() / ".cache" / "elo") / "data"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
+                   cache_dir: str | os.PathLike | None = None,
+                   field: str = "text") -> tuple[np.ndarray, Path, float | None]:
+    """The token stream of `paths` in order, EOS after every document, as a read-only memmap of the cache file.
+
+    The cache file is named by a hash of the tokenizer digest, the files' contents and `field`, so a changed file or
+    tokenizer is tokenized afresh. It is written to a temp file and renamed, so an interrupted run never leaves a
+    file that a later run takes as complete. Returns (tokens, cache file, seconds spent, or None if it was cached).
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no data files given")
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has no eos_id; it is needed to separate documents")
+    dtype = token_dtype(tokenizer.vocab_size)
+    key = hashlib.sha256(json.dumps({
+        "format": _CACHE_FORMAT, "tokenizer": tokenizer.digest, "eos": tokenizer.eos_id, "dtype": dtype.name,
+        "field": field, "files": [_file_sha256(p) for p in paths],
+    }).encode()).hexdigest()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_dir / f"{key}.{dtype.name}.bin"
+    if cache.is_file():
+        return _open_tokens(cache, dtype), cache, None
+
+    start = time.perf_counter()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{cache.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is an ordinary file
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for texts in _chunks(chain.from_iterable(read_documents(p, field) for p in paths)):
+                f.write(_pack(tokenizer.encode_batch(texts), tokenizer.eos_id, dtype).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cache)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return _open_tokens(cache, dtype), cache, time.perf_counter() - start
+
+
+def _file_sha256(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= _CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _pack(encoded: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
+    total = sum(len(ids) for ids in encoded) + len(encoded)
+    flat = np.fromiter(chain.from_iterable(chain(ids, (eos,)) for ids in encoded), dtype=np.int64, count=total)
+    if flat.min() < 0 or flat.max() > np.iinfo(dtype).max:
+        bad = flat.min() if flat.min() < 0 else flat.max()
+        raise ValueError(f"token id {bad} does not fit the cache dtype {dtype.name} (tokenizer vocab_size)")
+    return flat.astype(dtype)
+
+
+def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r"))
+
+
+# ---- one language: training windows and held-out validation ----
+
+def default_val_tokens(num_tokens: int, seq_len: int) -> int:
+    """1% of the tokens, rounded down to whole sequences, at least 1 and at most 64 sequences (plus the one extra
+    token that the last target needs)."""
+    sequences = min(_MAX_VAL_SEQUENCES, max(1, num_tokens // 100 // seq_len))
+    return sequences * seq_len + 1
+
+
+class Corpus:
+    """One language's token stream. The last `val_tokens` tokens are held out for validation; the rest is packed
+    into `seq_len + 1`-token windows with stride `seq_len` (input w[:-1], target w[1:]); a tail shorter than a
+    window is unused. `val_tokens=None` takes `default_val_tokens`; 0 holds nothing out."""
+
+    def __init__(self, lang: str, tokens: np.ndarray, seq_len: int, val_tokens: int | None = None):
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len}; expected a positive integer")
+        n = len(tokens)
+        if val_tokens is None:
+            val_tokens = default_val_tokens(n, seq_len)
+        elif val_tokens < 0 or 0 < val_tokens < seq_len + 1:
+            raise ValueError(f"val_tokens={val_tokens}; expected 0 or at least one sequence ({seq_len + 1} tokens)")
+        need = val_tokens + seq_len + 1
+        if n < need:
+            raise ValueError(f"language {lang!r} has {n} tokens; need at least {need} (one training sequence of "
+                             f"{seq_len + 1} tokens plus {val_tokens} held out for validation)")
+        self.lang, self.tokens, self.seq_len, self.val_tokens = lang, tokens, seq_len, val_tokens
+        self.split = n - val_tokens  # tokens[:split] train, tokens[split:] validation
+        self.num_train = (self.split - 1) // seq_len
+        self.num_val = max(val_tokens - 1, 0) // seq_len
+
+    def train_window(self, i: int) -> np.ndarray:
+        return self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
+
+    def val_window(self, i: int) -> np.ndarray:
+        start = self.split + i * self.seq_len
+        return self.tokens[start:start + self.seq_len + 1]
+
+
+# ---- the language mix ----
+
+def parse_data(specs: Iterable[str]) -> dict[str, list[Path]]:
+    """`["ko=a.jsonl", "ko=b.txt", "en=c.jsonl"]` (repeated --data LANG=PATH) -> {"ko": [a, b], "en": [c]}."""
+    out: dict[str, list[Path]] = {}
+    for spec in specs:
+        lang, sep, path = spec.partition("=")
+        if not sep or not lang.strip() or not path.strip():
+            raise ValueError(f"bad --data {spec!r}; expected LANG=PATH, e.g. ko=ko_wikipedia.jsonl")
+        out.setdefault(lang.strip(), []).append(Path(path.strip()))
+    return out
+
+
+def parse_mix(spec: str) -> dict[str, float]:
+    """`"en:1,ko:9"` -> {"en": 1.0, "ko": 9.0}: relative token shares, any positive scale."""
+    mix: dict[str, float] = {}
+    for item in spec.split(","):
+        lang, sep, weight = (s.strip() for s in item.partition(":"))
+        if not sep or not lang or not weight:
+            raise ValueError(f"bad --mix entry {item.strip()!r} in {spec!r}; expected LANG:WEIGHT,... e.g. en:1,ko:9")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(
+                f"bad weight {weight!r} for {lang!r} in --mix {spec!r}; expected a positive number") from None
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"weight {weight} for {lang!r} in --mix {spec!r}; expected a positive number")
+        if lang in mix:
+            raise ValueError(f"language {lang!r} appears twice in --mix {spec!r}")
+        mix[lang] = w
+    return mix
+
+
+def resolve_mix(mix: dict[str, float] | None, langs: Iterable[str]) -> dict[str, float]:
+    """Check `mix` against the languages that have data. Without a mix, English ("en") plus exactly one other
+    language gets the paper's 1:9 English:target mix; anything else needs an explicit mix."""
+    langs = sorted(langs)
+    if mix is None:
+        if len(langs) == 2 and "en" in langs:
+            target = langs[0] if langs[1] == "en" else langs[1]
+            return {"en": 1.0, target: 9.0}
+        raise ValueError(f"no --mix given for data languages {langs}; the default 1:9 mix needs 'en' plus exactly one "
+                         f"other language, so pass --mix, e.g. --mix {','.join(f'{l}:1' for l in langs)}")
+    for lang in mix:
+        if lang not in langs:
+            raise ValueError(f"language {lang!r} is in the mix but has no data; data languages are {langs}")
+    for lang in langs:
+        if lang not in mix:
+            raise ValueError(f"language {lang!r} has data but no weight in the mix {mix}")
+    for lang, w in mix.items():
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"weight {w} for {lang!r} in the mix; expected a positive number")
+    return dict(mix)
+
+
+# ---- the mixture sampler ----
+
+class MixtureSampler:
+    """An endless global stream of training windows shared by all ranks, defined by (corpora, mix, seed) alone.
+
+    Language schedule: item n (1-based) goes to the language whose next sequence is due soonest (earliest
+    deadline) among those not ahead of their share, so after every prefix of n items each language has
+    count within one sequence of n * share (a plain largest-deficit rule drifts past one with 4+ languages).
+    Every sequence has seq_len target tokens, so these are exact token proportions. Ties go to the language first
+    in sorted order.
+    Within a language: epoch e visits every training window once, in a permutation seeded by (seed, lang, e).
+    Ranks: rank r of world_size w takes global items r, r + w, r + 2w, ... (strided). One micro-batch of B
+    per rank consumes the next B * w global items, so w ranks at micro-batch B see together exactly the items a
+    single process sees at micro-batch B * w.
+    """
+
+    def __init__(self, corpora: dict[str, Corpus], mix: dict[str, float], seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if set(mix) != set(corpora):
+            raise ValueError(f"mix languages {sorted(mix)} differ from corpus languages {sorted(corpora)}")
+        if len({c.seq_len for c in corpora.values()}) != 1:
+            raise ValueError(f"corpora have different seq_len: { {l: c.seq_len for l, c in corpora.items()} }")
+        if seed < 0:
+            raise ValueError(f"seed={seed}; expected a non-negative integer")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} with world_size={world_size}; expected 0 <= rank < world_size")
+        self.corpora, self.seed, self.rank, self.world_size = corpora, seed, rank, world_size
+        self.langs = sorted(corpora)
+        self.seq_len = next(iter(corpora.values())).seq_len
+        total = sum(mix.values())
+        self.mix = {l: mix[l] / total for l in self.langs}  # normalised shares
+        # exact integer weights, so that the schedule is free of rounding and identical on every machine
+        shares = {l: Fraction(str(mix[l])) for l in self.langs}
+        scale = math.lcm(*(s.denominator for s in shares.values()))
+        self._weight = {l: int(s * scale) for l, s in shares.items()}
+        self._total = sum(self._weight.values())
+        self.position = 0  # global items drawn so far (all ranks together)
+        self.counts = {l: 0 for l in self.langs}  # global items drawn so far per language
+        self._perms: dict[str, tuple[int, np.ndarray]] = {}  # lang -> (epoch, permutation of its windows)
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """This rank's next micro-batch of `batch_size` sequences (advances the global stream by batch_size * world)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected a positive integer")
+        start = self.position
+        mine = []
+        for t in range(batch_size * self.world_size):
+            item = self._draw()
+            if (start + t) % self.world_size == self.rank:
+                mine.append(item)
+        return _batch([self.corpora[l].train_window(i) for l, i in mine], [l for l, _ in mine])
+
+    def val_batches(self, lang: str, batch_size: int) -> Iterator[Batch]:
+        """All held-out windows of `lang` in order (the same on every rank); the last batch may be smaller."""
+        if lang not in self.corpora:
+            raise ValueError(f"no validation data for language {lang!r}; languages are {self.langs}")
+        corpus = self.corpora[lang]
+        for s in range(0, corpus.num_val, batch_size):
+            idx = range(s, min(s + batch_size, corpus.num_val))
+            yield _batch([corpus.val_window(i) for i in idx], [lang] * len(idx))
+
+    @property
+    def epochs(self) -> dict[str, float]:
+        """Passes over each language's training windows so far (global stream), for logging."""
+        return {l: self.counts[l] / self.corpora[l].num_train for l in self.langs}
+
+    def state_dict(self) -> dict:
+        """Position in the global stream (the same on every rank), plus what must match on resume."""
+        return {"position": self.position, "counts": dict(self.counts), "seed": self.seed, "mix": dict(self.mix),
+                "train_sequences": {l: self.corpora[l].num_train for l in self.langs}}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "train_sequences"):
+            if state[key] != mine[key]:
+                raise ValueError(f"data state was saved with {key}={state[key]}, this run has {key}={mine[key]}; "
+                                 f"resume with the same data, seq_len and seed")
+        if set(state["mix"]) != set(self.mix) or any(
+                not math.isclose(state["mix"][l], self.mix[l], rel_tol=1e-9) for l in self.langs):
+            raise ValueError(f"data state was saved with mix {state['mix']}, this run has {self.mix}; "
+                             f"resume with the same mix")
+        if sum(state["counts"].values()) != state["position"]:
+            raise ValueError(f"corrupt data state: counts {state['counts']} do not sum to position {state['position']}")
+        self.position = state["position"]
+        self.counts = dict(state["counts"])
+        self._perms.clear()
+
+    def _draw(self) -> tuple[str, int]:
+        n = self.position + 1
+        lang = None
+        for l in self.langs:
+            c, w = self.counts[l], self._weight[l]
+            # eligible: not ahead of its share; due: the (c+1)-th item is needed by step (c+1) / share
+            if n * w > c * self._total and (lang is None or (c + 1) * self._weight[lang] < (self.counts[lang] + 1) * w):
+                lang = l
+        assert lang is not None  # shares sum to 1, so some language is always behind
+        corpus = self.corpora[lang]
+        epoch, i = divmod(self.counts[lang], corpus.num_train)
+        cached = self._perms.get(lang)
+        if cached is None or cached[0] != epoch:
+            lang_id = int.from_bytes(hashlib.sha256(lang.encode()).digest()[:8], "little")
+            cached = (epoch, np.random.default_rng([self.seed, lang_id, epoch]).permutation(corpus.num_train))
+            self._perms[lang] = cached
+        self.counts[lang] += 1
+        self.position += 1
+        return lang, int(cached[1][i])
+
+
+def _batch(windows: list[np.ndarray], langs: list[str]) -> Batch:
+    x = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), langs)
+
+
+# ---- entry point ----
+
+def build_dataset(paths_by_lang: dict[str, list[str | os.PathLike]], tokenizer: TextTokenizer, seq_len: int,
+                  mix: dict[str, float] | None, seed: int, rank: int = 0, world_size: int = 1,
+                  cache_dir: str | os.PathLike | None = None, field: str = "text",
+                  val_tokens: int | None = None) -> tuple[MixtureSampler, dict[str, CorpusInfo]]:
+    """Tokenize (or memory-map from the cache) each language's files, hold out validation, and return this rank's
+    sampler plus per-language info. Rank 0 prints one line per language.
+
+    Under an initialised torch.distributed group with world_size > 1, rank 0 tokenizes first and the other ranks
+    wait at a barrier, then read the cache (this function calls barrier() exactly once on every rank).
+    """
+    if not paths_by_lang:
+        raise ValueError("no data given; expected at least one language with files (--data LANG=PATH)")
+    mix = resolve_mix(mix, paths_by_lang)
+    dist = torch.distributed
+    shared = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if shared and rank != 0:
+        dist.barrier()
+    corpora, info = {}, {}
+    for lang in sorted(paths_by_lang):
+        files = paths_by_lang[lang]
+        tokens, cache, seconds = tokenize_files(files, tokenizer, cache_dir, field)
+        corpus = corpora[lang] = Corpus(lang, tokens, seq_len, val_tokens)
+        info[lang] = CorpusInfo(
+            lang=lang, files=tuple(str(f) for f in files), cache_path=str(cache), tokens=len(tokens),
+            train_sequences=corpus.num_train, val_sequences=corpus.num_val, cached=seconds is None,
+            seconds=seconds or 0.0, tokens_per_s=None if seconds is None else len(tokens) / max(seconds, 1e-9))
+        if rank == 0:
+            how = ("from cache" if seconds is None
+                   else f"tokenized in {seconds:.1f}s ({info[lang].tokens_per_s:,.0f} tokens/s)")
+            print(f"data {lang}: {len(tokens):,} tokens {how}; {corpus.num_train:,} train / {corpus.num_val} val "
+                  f"sequences of {seq_len}; {cache}", flush=True)
+    if shared and rank == 0:
+        dist.barrier()
+    return MixtureSampler(corpora, mix, seed, rank, world_size), info

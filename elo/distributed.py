@@ -1,0 +1,78 @@
+"""torch.distributed setup: one code path from one CPU process to many GPUs under torchrun.
+
+Single process: the plain module. Several processes: FSDP2 (`fully_shard`) per decoder layer, then the root (the
+embedding, final norm and head, tied or not), on an explicit 1-D device mesh.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+
+def init() -> Dist:
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+
+
+def shard(model: nn.Module, d: Dist) -> nn.Module:
+    """FSDP2-wrap `model` (an elo Transformer, maybe with LoRA) for `d`; a no-op in a single process.
+
+    On CUDA parameters are gathered in bf16 and gradients reduced in fp32; on CPU everything stays fp32 (bf16 is
+    emulated on CPUs without AVX512-BF16/AMX and runs ~50x slower).
+    """
+    if not d.sharded:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # an explicit mesh: on a host with GPUs the default mesh goes to CUDA while gloo runs on CPU (pytorch #132471)
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if d.device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers.values():
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.sharded:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(d: Dist) -> None:
+    if d.sharded:
+        dist.barrier()
+
+
+def close(d: Dist) -> None:
+    if d.sharded and dist.is_initialized():
+        dist.destroy_process_group()

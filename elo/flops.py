@@ -1,0 +1,72 @@
+"""Analytic training FLOPs per token, and the peak the MFU figure is measured against.
+
+Counted per token: 2 FLOPs per multiply-add of every matrix multiply in the forward pass (linears and causal
+attention); in the backward pass 2 more for an input gradient where something upstream trains, and 2 more for a
+weight gradient where the weight trains. So full fine-tuning costs 6 per weight, a frozen layer above a trained one 4,
+a frozen layer below every trained one 2 (forward only), and ELO's two layers plus the frozen head
+(6 * layers + 4 * head) instead of 6 * everything.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from elo.lora import LoRALinear
+
+# dense bf16 tensor-core peak (FLOP/s) by device name
+_GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def _trains(m: nn.Module) -> bool:
+    return any(p.requires_grad for p in m.parameters())
+
+
+def _linear(m: nn.Module, input_grad: bool) -> float:
+    out_f, in_f = m.weight.shape
+    f = 2 * in_f * out_f
+    total = f + (f if input_grad else 0) + (2 * f if m.weight.requires_grad else 0)
+    if isinstance(m, LoRALinear):
+        r = m.lora_A.shape[0]
+        a, b = 2 * r * in_f, 2 * out_f * r
+        total += a + b + 2 * a + 2 * b + b + (a if input_grad else 0)  # forward, both weight grads, input grads
+    return total
+
+
+def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """FLOPs to train on one token of a `seq_len` sequence, given which parameters of `model` require grad."""
+    cfg = model.config
+    upstream = model.model.embed_tokens.weight.requires_grad  # does anything before this point train?
+    total = 0.0
+    attn_core = 2 * 2 * (seq_len + 1) / 2 * cfg.num_attention_heads * cfg.head_dim  # QK^T and AV, causal average
+    for layer in model.model.layers.values():
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = [[attn.q_proj, attn.k_proj, attn.v_proj], "core", [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+                  [mlp.down_proj]]
+        upstream = upstream or _trains(layer.input_layernorm)
+        for group in groups:
+            if group == "core":
+                total += attn_core * (3 if upstream else 1)
+                continue
+            total += sum(_linear(m, upstream) for m in group)
+            upstream = upstream or any(_trains(m) for m in group)
+            if group[0] is attn.o_proj:
+                upstream = upstream or _trains(layer.post_attention_layernorm)
+    return total + _linear(model.lm_head, upstream)
+
+
+def peak_flops(device: torch.device) -> float:
+    """bf16 tensor-core peak on a known GPU; on CPU the measured fp32 matmul rate (what this CPU can reach)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in _GPU_PEAK.items():
+            if key in name:
+                return value
+        return float("nan")
+    a = torch.randn(1024, 1024)
+    a @ a  # warm up
+    t = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 1024**3 / (time.perf_counter() - t)

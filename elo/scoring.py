@@ -1,0 +1,182 @@
+"""Log-likelihoods from an elo model, computed the way lm-evaluation-harness's HFLM computes them.
+
+- `encode_pair`: lm-eval's `_encode_pair` (trailing whitespace of the context moves to the continuation; the whole
+  string is encoded, then split at the length of the encoded context; the tokenizer's default special tokens, as
+  `tokenizer.encode(s)` with `add_special_tokens` left alone in transformers).
+- `loglikelihoods`: each request's model input is `(context + continuation)[-(max_length + 1):][:-1]`; requests are
+  sorted longest first, batched up to a token budget, padded on the right (harmless under causal attention), one
+  forward per batch; requests with the same input share one row. Log-softmax is taken only at the scored positions.
+- `perplexity`: lm-eval's `loglikelihood_rolling`: each document is scored on its own in disjoint windows of
+  `seq_len` predicted tokens (get_rolling_token_windows + make_disjoint_window with context_len=1), the first token
+  conditioned on the BOS token (EOS where there is none); windows of all documents are batched together.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from elo import tasks as task_defs
+from elo.model import Transformer
+
+Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+HEAD_ROWS = 512  # positions pushed through the output head at once: bounds the logits' memory
+
+
+def prefix_token(tokenizer) -> int:
+    """The token a document's first token is conditioned on: BOS, else EOS (lm-eval's prefix_token_id)."""
+    token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
+    return token
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """`text` with the special tokens the tokenizer's config adds by default (BOS for Llama 2, none for Qwen2 or
+    SmolLM2): HF's `encode(text)`, which is what HFLM's tok_encode calls."""
+    return tokenizer.encode(text, add_bos=True, add_eos=True)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> Request:
+    """lm-eval's TemplateLM.loglikelihood tokenization of one (context, continuation) pair."""
+    if context == "":
+        cont = tokenizer.encode(continuation)
+        prefix = prefix_token(tokenizer)
+        return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def rolling_windows(tokens: list[int], prefix: int, seq_len: int) -> list[Request]:
+    """Disjoint (context, predicted) windows covering `tokens`: lm-eval's get_rolling_token_windows followed by
+    make_disjoint_window, with context_len=1. The first window predicts up to `seq_len` tokens after `prefix`; each
+    later one predicts the next `seq_len` tokens after one token of context, except the last, which takes as much
+    context as fits in `seq_len` inputs."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not tokens:
+        return []
+    first = min(seq_len, len(tokens))
+    windows = [([prefix], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        end = done + min(len(tokens) - done, seq_len)
+        windows.append((tokens[end - seq_len - 1:done], tokens[done:end]))
+        done = end
+    return windows
+
+
+@contextmanager
+def _headless(model: Transformer) -> Iterator[nn.Module]:
+    """The model returning final-norm hidden states instead of logits, and its output head: the head then runs only
+    on the positions that are scored, never materialising (batch, seq, vocab) logits."""
+    head = model.lm_head
+    model.lm_head = nn.Identity()
+    try:
+        yield head
+    finally:
+        model.lm_head = head
+
+
+@torch.no_grad()
+def loglikelihoods(model: Transformer, requests: Sequence[Request], batch_tokens: int = 8192,
+                   max_length: int | None = None) -> list[float]:
+    """Sum of log p(continuation | context) for each (context tokens, continuation tokens) request.
+
+    `max_length` (default: the model's max_position_embeddings) is the longest input; longer requests lose tokens
+    on the left as in lm-eval. A batch holds as many sequences as fit in `batch_tokens` padded tokens (at least one).
+    """
+    max_length = max_length or model.config.max_position_embeddings
+    by_input: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx or not cont:
+            raise ValueError(f"request {i} has an empty context or continuation ({len(ctx)} and {len(cont)} tokens)")
+        if len(cont) > max_length:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={max_length}")
+        by_input.setdefault(tuple((ctx + cont)[-(max_length + 1):][:-1]), []).append(i)
+    inputs = sorted(by_input, key=len, reverse=True)
+    device = model.model.embed_tokens.weight.device
+    out = [0.0] * len(requests)
+    start = 0
+    with _headless(model) as head:
+        while start < len(inputs):
+            width = len(inputs[start])
+            batch = inputs[start:start + max(1, batch_tokens // width)]
+            start += len(batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, inp in enumerate(batch):
+                ids[row, :len(inp)] = torch.tensor(inp)
+            hidden = model(ids.to(device))
+            # each request's scored positions (its last len(cont) inputs) and their targets, in one flat list
+            rows, targets, owners = [], [], []
+            for row, inp in enumerate(batch):
+                for i in by_input[inp]:
+                    cont = requests[i][1]
+                    rows.append(hidden[row, len(inp) - len(cont):len(inp)])
+                    targets += cont
+                    owners.append(i)
+            logprobs = _target_logprobs(head, torch.cat(rows), torch.tensor(targets, device=device))
+            sums = torch.stack([lp.sum() for lp in logprobs.double().split([r.shape[0] for r in rows])])
+            for i, total in zip(owners, sums.tolist()):
+                out[i] = total
+    return out
+
+
+def _target_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    parts = []
+    for h, t in zip(hidden.split(HEAD_ROWS), targets.split(HEAD_ROWS)):
+        logits = head(h).float()
+        parts.append(logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1))
+    return torch.cat(parts)
+
+
+def perplexity(model: Transformer, tokenizer, texts: Sequence[str], seq_len: int,
+               batch_tokens: int = 8192) -> dict[str, float]:
+    """Mean NLL per token, perplexity and bits per byte (total NLL in nats / ln 2 / UTF-8 bytes) over `texts`."""
+    prefix = prefix_token(tokenizer)
+    windows: list[Request] = []
+    for text in texts:
+        windows += rolling_windows(encode(tokenizer, text), prefix, seq_len)
+    if not windows:
+        raise ValueError("no tokens to score: every document is empty")
+    nll = -sum(loglikelihoods(model, windows, batch_tokens, max_length=seq_len))
+    n_tokens = sum(len(cont) for _, cont in windows)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {
+        "docs": len(texts),
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "nll_per_token": nll / n_tokens,
+        "perplexity": math.exp(nll / n_tokens),
+        "bits_per_byte": nll / math.log(2) / n_bytes,
+    }
+
+
+def evaluate_tasks(model: Transformer, tokenizer, names: list[str], data_dir: str | Path,
+                   num_fewshot: int | None = None, limit: int | None = None,
+                   batch_tokens: int = 8192) -> dict[str, dict[str, float]]:
+    """Metrics of each named task or group (and of a group's member tasks); requests of all tasks are scored in one
+    sorted, batched pass."""
+    groups = task_defs.expand(names)
+    members = list(dict.fromkeys(t for ts in groups.values() for t in ts))
+    instances = {t: task_defs.build_instances(task_defs.TASKS[t], Path(data_dir), num_fewshot, limit) for t in members}
+    requests = [encode_pair(tokenizer, inst.context, cont)
+                for t in members for inst in instances[t] for cont in inst.continuations]
+    lls = iter(loglikelihoods(model, requests, batch_tokens))
+    results = {}
+    for t in members:
+        per_doc = [[next(lls) for _ in inst.choices] for inst in instances[t]]
+        results[t] = task_defs.compute_metrics(task_defs.TASKS[t], instances[t], per_doc)
+    for name, ts in groups.items():
+        if name not in results:
+            results[name] = task_defs.aggregate([results[t] for t in ts])
+    return results

@@ -1,0 +1,345 @@
+"""Log-likelihood benchmarks, built exactly as lm-evaluation-harness 0.4 builds its tasks of the same names.
+
+Each task reads local JSONL files (schemas: shared/data/README.md) and produces, per document, one context string
+and one continuation per answer choice: lm-eval's `multiple_choice` output type. Everything that decides what the
+model sees is lm-eval's: prompt templates, `target_delimiter`, `description`, few-shot split, sampler and seed
+(`random.Random(1234)`, one generator per task drawn in document order), `fewshot_delimiter`. The metrics are
+lm-eval's too: `acc` (argmax log-likelihood), `acc_norm` (log-likelihood divided by the choice's length in
+characters; lm-eval's `acc_bytes` is the byte-length variant, not `acc_norm`) and `f1` (sklearn's macro F1).
+
+Our names map to lm-eval's tasks:
+    kobest_boolq ... kobest_wic -> kobest_* (identical names; eval split = test, few-shot from train)
+    mmlu                        -> the mmlu group restricted to the 12 subjects in the data dir, each subject its own
+                                   task mmlu_<subject> (eval = test, few-shot = the first k of that subject's dev);
+                                   the group's acc is the mean over all documents, as lm-eval weights by size
+    jcommonsenseqa              -> ja_leaderboard_jcommonsenseqa (eval = JGLUE valid, few-shot from train, k=3 default)
+    jnli                        -> ja_leaderboard_jnli (eval = JGLUE valid; its train split is not in the data, so only
+                                   zero-shot runs)
+MARC-ja (ja_leaderboard_marc_ja) has no data here and nothing stands in for it.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
+
+MMLU_SUBJECTS = (
+    "abstract_algebra", "astronomy", "college_physics", "computer_security", "philosophy", "high_school_us_history",
+    "international_law", "high_school_government_and_politics", "sociology", "econometrics", "college_medicine",
+    "marketing",
+)
+JA_DESCRIPTION = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。\n\n"
+JNLI_LABELS = ("entailment", "contradiction", "neutral")  # the ClassLabel order of the HF JGLUE dataset lm-eval reads
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    lm_eval_name: str
+    eval_file: str  # relative to the data dir
+    fewshot_file: str | None  # None: the split lm-eval draws few-shot examples from is not available
+    fields: tuple[str, ...]  # what every record must have
+    doc_to_text: Callable[[dict], str]
+    doc_to_choice: Callable[[dict], list[str]]
+    doc_to_target: Callable[[dict], int]  # index of the gold choice
+    metrics: tuple[str, ...]
+    description: str = ""
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    sampler: str = "random"  # lm-eval's "default" sampler; "first_n" takes the split's first k documents
+    num_fewshot: int = 0  # lm-eval's default for the task
+    keep: Callable[[dict], bool] | None = field(default=None, repr=False)  # record filter (MMLU subject)
+
+
+@dataclass
+class Instance:
+    """One document: its context, and the continuation scored for each choice."""
+
+    task: str
+    doc_id: int
+    context: str
+    choices: list[str]
+    gold: int
+    target_delimiter: str = " "
+
+    @property
+    def continuations(self) -> list[str]:
+        return [self.target_delimiter + c for c in self.choices]
+
+
+def _copa_text(d: dict) -> str:
+    connector = {"원인": " 왜냐하면", "결과": " 그래서"}[d["question"].strip()]
+    return f"{d['premise']} {connector}"
+
+
+def _jcqa_text(d: dict) -> str:
+    options = "".join(f"- {c}\n" for c in _jcqa_choices(d))
+    return f"### 指示：\n出力は以下から選択してください：\n{options}\n### 入力：\n{d['question']}\n\n### 応答："
+
+
+def _jcqa_choices(d: dict) -> list[str]:
+    return [d[f"choice{i}"] for i in range(5)]
+
+
+def _jnli_target(d: dict) -> int:
+    if d["label"] not in JNLI_LABELS:
+        raise ValueError(f"JNLI label {d['label']!r} is not one of {', '.join(JNLI_LABELS)}")
+    return JNLI_LABELS.index(d["label"])
+
+
+def _mmlu_task(subject: str) -> Task:
+    return Task(
+        name=f"mmlu_{subject}",
+        lm_eval_name=f"mmlu_{subject}",
+        eval_file="mmlu/test_12subjects.jsonl",
+        fewshot_file="mmlu/dev_12subjects.jsonl",
+        fields=("subject", "question", "choices", "answer"),
+        doc_to_text=lambda d: (f"{d['question'].strip()}\nA. {d['choices'][0]}\nB. {d['choices'][1]}\n"
+                               f"C. {d['choices'][2]}\nD. {d['choices'][3]}\nAnswer:"),
+        doc_to_choice=lambda d: ["A", "B", "C", "D"],
+        doc_to_target=lambda d: int(d["answer"]),
+        metrics=("acc",),
+        description=f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
+        sampler="first_n",
+        keep=lambda d: d["subject"] == subject,
+    )
+
+
+_TASK_LIST = [
+    Task(
+        name="kobest_boolq", lm_eval_name="kobest_boolq",
+        eval_file="kobest/boolq_test.jsonl", fewshot_file="kobest/boolq_train.jsonl",
+        fields=("paragraph", "question", "label"),
+        doc_to_text=lambda d: f"{d['paragraph']} 질문: {d['question']} 답변: ",
+        doc_to_choice=lambda d: ["아니오", "예"],
+        doc_to_target=lambda d: int(d["label"]),
+        metrics=("acc", "f1"),
+    ),
+    Task(
+        name="kobest_copa", lm_eval_name="kobest_copa",
+        eval_file="kobest/copa_test.jsonl", fewshot_file="kobest/copa_train.jsonl",
+        fields=("premise", "question", "alternative_1", "alternative_2", "label"),
+        doc_to_text=_copa_text,
+        doc_to_choice=lambda d: [d["alternative_1"], d["alternative_2"]],
+        doc_to_target=lambda d: int(d["label"]),
+        metrics=("acc", "f1"),
+    ),
+    Task(
+        name="kobest_wic", lm_eval_name="kobest_wic",
+        eval_file="kobest/wic_test.jsonl", fewshot_file="kobest/wic_train.jsonl",
+        fields=("word", "context_1", "context_2", "label"),
+        doc_to_text=lambda d: (f"문장1: {d['context_1']} 문장2: {d['context_2']} "
+                               f"두 문장에서 {d['word']}가 같은 뜻으로 쓰였나?"),
+        doc_to_choice=lambda d: ["아니오", "예"],
+        doc_to_target=lambda d: int(d["label"]),
+        metrics=("acc", "f1"),
+    ),
+    Task(
+        name="kobest_hellaswag", lm_eval_name="kobest_hellaswag",
+        eval_file="kobest/hellaswag_test.jsonl", fewshot_file="kobest/hellaswag_train.jsonl",
+        fields=("context", "ending_1", "ending_2", "ending_3", "ending_4", "label"),
+        doc_to_text=lambda d: f"문장: {d['context']}",
+        doc_to_choice=lambda d: [d["ending_1"], d["ending_2"], d["ending_3"], d["ending_4"]],
+        doc_to_target=lambda d: int(d["label"]),
+        metrics=("acc", "acc_norm", "f1"),
+    ),
+    Task(
+        name="kobest_sentineg", lm_eval_name="kobest_sentineg",
+        eval_file="kobest/sentineg_test.jsonl", fewshot_file="kobest/sentineg_train.jsonl",
+        fields=("sentence", "label"),
+        doc_to_text=lambda d: f"문장: {d['sentence']} 긍부정:",
+        doc_to_choice=lambda d: ["부정", "긍정"],
+        doc_to_target=lambda d: int(d["label"]),
+        metrics=("acc", "f1"),
+    ),
+    *[_mmlu_task(s) for s in MMLU_SUBJECTS],
+    Task(
+        name="jcommonsenseqa", lm_eval_name="ja_leaderboard_jcommonsenseqa",
+        eval_file="jglue/jcommonsenseqa_v1.3_valid.jsonl", fewshot_file="jglue/jcommonsenseqa_v1.3_train.jsonl",
+        fields=("question", "choice0", "choice1", "choice2", "choice3", "choice4", "label"),
+        doc_to_text=_jcqa_text,
+        doc_to_choice=_jcqa_choices,
+        doc_to_target=lambda d: int(d["label"]),
+        metrics=("acc",),
+        description=JA_DESCRIPTION, target_delimiter="\n", num_fewshot=3,
+    ),
+    Task(
+        name="jnli", lm_eval_name="ja_leaderboard_jnli",
+        eval_file="jglue/jnli_v1.3_valid.jsonl", fewshot_file=None,
+        fields=("sentence1", "sentence2", "label"),
+        doc_to_text=lambda d: ("### 指示：\n与えられた前提と仮説の関係を回答してください。\n\n出力は以下から選択してください：\n"
+                               f"含意\n矛盾\n中立\n\n### 入力：\n前提：{d['sentence1']}\n仮説：{d['sentence2']}\n\n### 応答："),
+        doc_to_choice=lambda d: ["含意", "矛盾", "中立"],
+        doc_to_target=_jnli_target,
+        metrics=("acc",),
+        description=JA_DESCRIPTION, target_delimiter="\n", num_fewshot=3,
+    ),
+]
+TASKS: dict[str, Task] = {t.name: t for t in _TASK_LIST}
+GROUPS: dict[str, tuple[str, ...]] = {"mmlu": tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)}
+UNAVAILABLE = dict.fromkeys(
+    ("marc_ja", "marc-ja", "ja_leaderboard_marc_ja"),
+    "MARC-ja is not in the data dir (the Amazon reviews corpus it is built from was withdrawn) and nothing stands in for it",
+)
+
+
+def known_names() -> list[str]:
+    """Every name `expand` accepts: groups, then tasks outside any group."""
+    grouped = {t for members in GROUPS.values() for t in members}
+    return list(GROUPS) + [n for n in TASKS if n not in grouped]
+
+
+def expand(names: list[str]) -> dict[str, list[str]]:
+    """Requested names -> the tasks each one runs (a group runs its members); unknown names are an error."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if name in UNAVAILABLE:
+            raise ValueError(f"task {name!r} cannot run: {UNAVAILABLE[name]}")
+        if name in GROUPS:
+            out[name] = list(GROUPS[name])
+        elif name in TASKS:
+            out[name] = [name]
+        else:
+            raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(known_names())}")
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON Lines file; a missing file or a line that is not a JSON object is a one-line error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def fewshot_count(task: Task, num_fewshot: int | None) -> int:
+    """Few-shot examples a run uses: `num_fewshot`, or lm-eval's default for the task when None."""
+    k = task.num_fewshot if num_fewshot is None else num_fewshot
+    if k < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {k}")
+    return k
+
+
+def data_files(task: Task, data_dir: Path, num_fewshot: int | None) -> list[Path]:
+    """The files a run of `task` reads."""
+    files = [Path(data_dir) / task.eval_file]
+    if fewshot_count(task, num_fewshot) > 0 and task.fewshot_file is not None:
+        files.append(Path(data_dir) / task.fewshot_file)
+    return files
+
+
+def load_docs(task: Task, path: Path) -> list[dict]:
+    docs = []
+    for n, record in enumerate(read_jsonl(path), 1):
+        missing = [k for k in task.fields if k not in record]
+        if missing:
+            raise ValueError(f"{path}: record {n} lacks field(s) {', '.join(missing)} that {task.name} needs")
+        if task.keep is None or task.keep(record):
+            docs.append(record)
+    if not docs:
+        raise ValueError(f"{path} has no documents for {task.name}")
+    return docs
+
+
+def build_instances(task: Task, data_dir: Path, num_fewshot: int | None = None,
+                    limit: int | None = None) -> list[Instance]:
+    """The task's first `limit` evaluation documents as lm-eval renders them with `num_fewshot` examples
+    (None: the task's lm-eval default)."""
+    k = fewshot_count(task, num_fewshot)
+    docs = load_docs(task, Path(data_dir) / task.eval_file)
+    if limit is not None:
+        docs = docs[:limit]
+    pool: list[dict] = []
+    if k > 0:
+        if task.fewshot_file is None:
+            raise ValueError(f"{task.name} needs {k} few-shot examples from a train split that is not in the data dir "
+                             f"(JGLUE ships no JNLI train here); run it with --num-fewshot 0")
+        pool = load_docs(task, Path(data_dir) / task.fewshot_file)
+        if k > len(pool):
+            raise ValueError(f"{task.name}: {k} few-shot examples asked for, the few-shot split has {len(pool)}")
+    # one generator per task, drawn once per document in order: what lm-eval's sampler does after set_fewshot_seed
+    rnd = random.Random(FEWSHOT_SEED)
+    header = task.description
+    if task.sampler == "first_n":
+        header += _shots(task, pool[:k])
+    instances = []
+    for i, doc in enumerate(docs):
+        prefix = header if task.sampler == "first_n" else task.description + _shots(task, rnd.sample(pool, k) if k else [])
+        gold = task.doc_to_target(doc)
+        choices = task.doc_to_choice(doc)
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"{task.name} document {i}: gold index {gold} outside the {len(choices)} choices")
+        instances.append(Instance(task.name, i, prefix + task.doc_to_text(doc), choices, gold, task.target_delimiter))
+    return instances
+
+
+def _shots(task: Task, examples: list[dict]) -> str:
+    return "".join(task.doc_to_text(d) + task.target_delimiter + task.doc_to_choice(d)[task.doc_to_target(d)]
+                   + task.fewshot_delimiter for d in examples)
+
+
+# ---- metrics (lm-eval's multiple_choice process_results + aggregation) ----
+
+def argmax(values: list[float]) -> int:
+    """Index of the largest value, the first on ties (numpy.argmax)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def macro_f1(golds: list[int], preds: list[int]) -> float:
+    """sklearn.metrics.f1_score(golds, preds, average="macro"): mean over every label seen in either list of
+    2TP / (2TP + FP + FN)."""
+    labels = sorted(set(golds) | set(preds))
+    if not labels:
+        raise ValueError("macro F1 of no documents")
+    total = 0.0
+    for label in labels:
+        tp = sum(g == label and p == label for g, p in zip(golds, preds))
+        fp = sum(g != label and p == label for g, p in zip(golds, preds))
+        fn = sum(g == label and p != label for g, p in zip(golds, preds))
+        total += 2 * tp / (2 * tp + fp + fn)
+    return total / len(labels)
+
+
+def compute_metrics(task: Task, instances: list[Instance], loglikelihoods: list[list[float]]) -> dict[str, float]:
+    """The task's lm-eval metrics from each document's per-choice log-likelihoods."""
+    if len(instances) != len(loglikelihoods):
+        raise ValueError(f"{len(instances)} documents but {len(loglikelihoods)} sets of log-likelihoods")
+    golds = [inst.gold for inst in instances]
+    preds = [argmax(lls) for lls in loglikelihoods]
+    out: dict[str, float] = {}
+    for metric in task.metrics:
+        if metric == "acc":
+            out["acc"] = sum(p == g for p, g in zip(preds, golds)) / len(golds)
+        elif metric == "acc_norm":
+            # lm-eval normalises by len(choice) in characters, the target delimiter not counted
+            norm = [argmax([ll / len(c) for ll, c in zip(lls, inst.choices)])
+                    for lls, inst in zip(loglikelihoods, instances)]
+            out["acc_norm"] = sum(p == g for p, g in zip(norm, golds)) / len(golds)
+        elif metric == "f1":
+            out["f1"] = macro_f1(golds, preds)
+        else:
+            raise ValueError(f"unknown metric {metric!r}")
+    out["n"] = len(golds)
+    return out
+
+
+def aggregate(results: list[dict[str, float]]) -> dict[str, float]:
+    """A group's metrics: each subtask metric weighted by its number of documents (lm-eval's weight_by_size)."""
+    n = sum(r["n"] for r in results)
+    metrics = [m for m in results[0] if m != "n"]
+    return {**{m: sum(r[m] * r["n"] for r in results) / n for m in metrics}, "n": n}
