@@ -19,6 +19,7 @@ import datetime
 import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, str]
@@ -65,7 +66,8 @@ _CHATML = (
 _CHATML_DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"]+?)<\|im_end\|>""")
 
 
-def _render_chatml(messages: list[Message], add_generation_prompt: bool, default_system: str | None) -> str:
+def _chatml(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
+            default_system: str | None) -> str:
     out = []
     if default_system is not None and messages[0]["role"] != "system":
         out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
@@ -90,23 +92,23 @@ _LLAMA31 = (
 )
 
 
-def _llama_turn(m: Message) -> str:
-    return f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+def _llama3(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str) -> str:
+    out = [bos] + [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                   for m in messages]
+    if add_generation_prompt:
+        out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(out)
 
 
-def _render_llama3(messages: list[Message], add_generation_prompt: bool, bos: str) -> str:
-    out = bos + "".join(_llama_turn(m) for m in messages)
-    return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-
-
-def _render_llama31(messages: list[Message], add_generation_prompt: bool, bos: str,
-                    date: Callable[[], str]) -> str:
+def _llama31(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
+             date: Callable[[], str]) -> str:
+    # Llama 3 turns after a system block that is always there, dated, with the system message (if any) inside
     system = ""
     if messages[0]["role"] == "system":
         system, messages = messages[0]["content"].strip(), messages[1:]
-    out = (f"{bos}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-           f"Today Date: {date()}\n\n{system}<|eot_id|>")
-    return _render_llama3(messages, add_generation_prompt, out)
+    head = (f"{bos}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+            f"Today Date: {date()}\n\n{system}<|eot_id|>")
+    return _llama3(messages, add_generation_prompt, head, eos)
 
 
 def _llama31_date(template: str) -> Callable[[], str]:
@@ -122,67 +124,58 @@ def _llama31_date(template: str) -> Callable[[], str]:
 
 # ---- Mistral [INST] ----
 
-# (name, signature, user prefix, user suffix, assistant prefix, assistant suffix after eos, strip the assistant
-#  turn, where a system message goes: None = not allowed, "first" or "last" user turn)
+@dataclass(frozen=True)
+class MistralLayout:
+    name: str
+    signature: tuple[str, ...]
+    user: tuple[str, str]  # text before and after a user turn
+    assistant: tuple[str, str]  # text before an assistant turn, and after its EOS token
+    strip_assistant: bool
+    system_at: str | None  # None: no system role; "first" / "last": prepended to that user turn
+
+
 _MISTRAL = (
-    ("mistral-v0.1", ("bos_token", "'[INST] ' + message.content + ' [/INST]'", "message.content + eos_token + ' '"),
-     "[INST] ", " [/INST]", "", " ", False, None),
-    ("mistral-v0.2", ("bos_token", "'[INST] ' + message.content + ' [/INST]'", "message.content + eos_token"),
-     "[INST] ", " [/INST]", "", "", False, None),
-    ("mistral-2024", ("bos_token", "' [INST] ' + system_message + '\n\n' + message.content + ' [/INST]'",
-                      "' [INST] ' + message.content + ' [/INST]'", "' ' + message.content + eos_token",
-                      "loop.first and system_message is defined"),
-     " [INST] ", " [/INST]", " ", "", False, "first"),
-    ("mistral-v0.3", ("bos_token", "'[INST] ' + system_message + '\n\n' + message.content + '[/INST]'",
-                      "'[INST] ' + message.content + '[/INST]'", "' ' + message.content|trim + eos_token",
-                      "loop.last and system_message is defined"),
-     "[INST] ", "[/INST]", " ", "", True, "last"),
+    MistralLayout("mistral-v0.1", ("bos_token", "'[INST] ' + message.content + ' [/INST]'",
+                                   "message.content + eos_token + ' '"),
+                  ("[INST] ", " [/INST]"), ("", " "), False, None),
+    MistralLayout("mistral-v0.2", ("bos_token", "'[INST] ' + message.content + ' [/INST]'",
+                                   "message.content + eos_token"),
+                  ("[INST] ", " [/INST]"), ("", ""), False, None),
+    MistralLayout("mistral-2024", ("bos_token", "' [INST] ' + system_message + '\n\n' + message.content + ' [/INST]'",
+                                   "' [INST] ' + message.content + ' [/INST]'", "' ' + message.content + eos_token",
+                                   "loop.first and system_message is defined"),
+                  (" [INST] ", " [/INST]"), (" ", ""), False, "first"),
+    MistralLayout("mistral-v0.3", ("bos_token", "'[INST] ' + system_message + '\n\n' + message.content + '[/INST]'",
+                                   "'[INST] ' + message.content + '[/INST]'", "' ' + message.content|trim + eos_token",
+                                   "loop.last and system_message is defined"),
+                  ("[INST] ", "[/INST]"), (" ", ""), True, "last"),
 )
 
 
-def _render_mistral(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, name: str,
-                    user_prefix: str, user_suffix: str, asst_prefix: str, asst_suffix: str, strip: bool,
-                    system_at: str | None) -> str:
+def _mistral(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
+             layout: MistralLayout) -> str:
     system = None
-    if system_at is not None and messages[0]["role"] == "system":
+    if layout.system_at is not None and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
     out = [bos]
     for i, m in enumerate(messages):
         if (m["role"] == "user") != (i % 2 == 0):
-            raise ValueError(f"{name} chat template: roles must alternate user/assistant/user/... after an optional "
-                             f"{'system message' if system_at else 'nothing (no system role)'}; got "
-                             f"{[m['role'] for m in messages]}")
+            raise ValueError(f"{layout.name} chat template: roles must alternate user/assistant/user/... after "
+                             f"{'an optional system message' if layout.system_at else 'nothing (no system role)'}; "
+                             f"got {[m['role'] for m in messages]}")
         if m["role"] == "user":
-            at_system = system is not None and i == (0 if system_at == "first" else len(messages) - 1)
+            at_system = system is not None and i == (0 if layout.system_at == "first" else len(messages) - 1)
             content = f"{system}\n\n{m['content']}" if at_system else m["content"]
-            out.append(f"{user_prefix}{content}{user_suffix}")
+            out.append(f"{layout.user[0]}{content}{layout.user[1]}")
         else:
-            content = m["content"].strip() if strip else m["content"]
-            out.append(f"{asst_prefix}{content}{eos}{asst_suffix}")
+            content = m["content"].strip() if layout.strip_assistant else m["content"]
+            out.append(f"{layout.assistant[0]}{content}{eos}{layout.assistant[1]}")
     return "".join(out)  # Mistral templates add nothing for add_generation_prompt
 
 
 # ---- recognition ----
 
 Renderer = Callable[[list[Message], bool, str, str], str]
-
-
-def _chatml(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *, default: str | None) -> str:
-    return _render_chatml(messages, add_generation_prompt, default)
-
-
-def _llama3(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str) -> str:
-    return _render_llama3(messages, add_generation_prompt, bos)
-
-
-def _llama31(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
-             date: Callable[[], str]) -> str:
-    return _render_llama31(messages, add_generation_prompt, bos, date)
-
-
-def _mistral(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *, name: str,
-             layout: tuple) -> str:
-    return _render_mistral(messages, add_generation_prompt, bos, eos, name, *layout)
 
 
 @functools.lru_cache(maxsize=16)
@@ -194,14 +187,14 @@ def chat_renderer(template: str) -> tuple[str, Renderer]:
         if len(defaults) > 1 or any("\\" in d for d in defaults):
             raise ValueError(f"unsupported ChatML chat template (default system prompt {sorted(defaults)}): "
                              f"{template[:80]!r}")
-        return "chatml", functools.partial(_chatml, default=defaults.pop() if defaults else None)
+        return "chatml", functools.partial(_chatml, default_system=defaults.pop() if defaults else None)
     if _has_all(t, _LLAMA31):
         return "llama3.1", functools.partial(_llama31, date=_llama31_date(t))
     if _has_all(t, _LLAMA3) and "Cutting Knowledge Date" not in t:
         return "llama3", _llama3
-    for name, signature, *layout in _MISTRAL:
-        if _has_all(t, signature) and "<<SYS>>" not in t:
-            return name, functools.partial(_mistral, name=name, layout=tuple(layout))
+    for layout in _MISTRAL:
+        if _has_all(t, layout.signature) and "<<SYS>>" not in t:
+            return layout.name, functools.partial(_mistral, layout=layout)
     raise ValueError(f"unrecognised chat template {template[:80]!r}; expected ChatML (SmolLM2, Qwen2/2.5), "
                      "Llama 3/3.1/3.2 or Mistral [INST]")
 

@@ -174,25 +174,34 @@ def write_config(config: ModelConfig, dtype: torch.dtype, directory: Path) -> No
 
 
 def write_shards(tensors: Iterable[tuple[str, Tensor]], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write (name, tensor) pairs as HF safetensors shards plus index (a single file when it fits)."""
-    shards: list[dict[str, Tensor]] = [{}]
+    """Write (name, tensor) pairs as HF safetensors shards plus index (a single file when it fits), holding at most
+    one shard in memory: shards are written as they fill and renamed once their count is known."""
+    files: list[tuple[Path, list[str]]] = []
+    shard: dict[str, Tensor] = {}
     size = total = 0
+
+    def flush() -> None:
+        path = directory / f".shard-{len(files):05d}"
+        save_file(shard, path, metadata={"format": "pt"})
+        files.append((path, list(shard)))
+
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().to("cpu").contiguous()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t.detach().to("cpu").contiguous()
         size += nbytes
         total += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    flush()
+    if len(files) == 1:
+        os.replace(files[0][0], directory / WEIGHTS_NAME)
         return
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
+    for i, (path, names) in enumerate(files, 1):
+        file = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(path, directory / file)
+        weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 

@@ -84,7 +84,8 @@ def judge_prompts(bench: str, data_dir: Path) -> dict[str, dict]:
         single, multi = LOGICKOR_PROMPTS["logickor-single"], LOGICKOR_PROMPTS["logickor-multi-turn"]
         return {"single": single, "single-ref": single, "multi": multi, "multi-ref": multi}
     en = _prompts_by_name(Path(data_dir) / "mt_bench" / "judge_prompts.jsonl")
-    first = _prompts_by_name(Path(data_dir) / "mt_bench_ja" / "judge_ja_prompts.jsonl") if bench == "mt_bench_ja" else en
+    ja = bench == "mt_bench_ja"
+    first = _prompts_by_name(Path(data_dir) / "mt_bench_ja" / "judge_ja_prompts.jsonl") if ja else en
     return {"single": first["single-v1"], "single-ref": first["single-math-v1"],
             "multi": en["single-v1-multi-turn"], "multi-ref": en["single-math-v1-multi-turn"]}
 

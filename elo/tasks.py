@@ -208,8 +208,9 @@ def expand(names: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON Lines file; a missing file or a line that is not a JSON object is a one-line error."""
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of each line of a JSON Lines file; a missing file or a line that is not a JSON object
+    is a one-line error naming the file and line."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     records = []
@@ -223,7 +224,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+            records.append((n, record))
     return records
 
 
@@ -245,10 +246,10 @@ def data_files(task: Task, data_dir: Path, num_fewshot: int | None) -> list[Path
 
 def load_docs(task: Task, path: Path) -> list[dict]:
     docs = []
-    for n, record in enumerate(read_jsonl(path), 1):
+    for n, record in read_jsonl(path):
         missing = [k for k in task.fields if k not in record]
         if missing:
-            raise ValueError(f"{path}: record {n} lacks field(s) {', '.join(missing)} that {task.name} needs")
+            raise ValueError(f"{path}:{n}: record lacks field(s) {', '.join(missing)} that {task.name} needs")
         if task.keep is None or task.keep(record):
             docs.append(record)
     if not docs:

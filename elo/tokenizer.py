@@ -158,8 +158,8 @@ class TiktokenTokenizer(Tokenizer):
         super().__init__(**kwargs)
 
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
-        if len(texts) == 1:  # no thread pool for a single text
-            out = [self._enc.encode_ordinary(texts[0])]
+        if len(texts) < 2:  # no thread pool for a single text
+            out = [self._enc.encode_ordinary(t) for t in texts]
         else:
             out = self._enc.encode_ordinary_batch(texts, num_threads=_THREADS)
         limit = self._drop_from
@@ -235,7 +235,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         return _from_tokenizer_json(path, config, meta)
     if _is_tiktoken_file(path):
         return _from_llama3_tiktoken(path, config, meta)
-    return _from_sentencepiece(path, config, meta, added_tokens=None)
+    return _from_sentencepiece(path, config, meta)
 
 
 def _from_tokenizer_json(path: Path, config: dict, meta: dict) -> Tokenizer:
@@ -384,7 +384,7 @@ def _split_pattern(path: Path, pre: dict | None) -> str:
         split = steps[0]
         regex = split.get("pattern", {}).get("Regex")
         if regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
-            raise ValueError(f"{path}: unsupported Split pre-tokenizer {split}; expected an Isolated, non-inverted Regex")
+            raise ValueError(f"{path}: unsupported Split pre-tokenizer {split}; expected Isolated, non-inverted Regex")
         # HF also keeps the text between matches as pieces; the second alternative matches exactly those gaps.
         return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
     raise ValueError(

@@ -197,7 +197,11 @@ def _prepare_out(cfg: TrainConfig, out: Path, d: distributed.Dist) -> Path | Non
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    try:  # VmHWM: this process's own peak (ru_maxrss is inherited from the parent across exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e6
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 @torch.no_grad()

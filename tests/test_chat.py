@@ -83,7 +83,8 @@ QWEN25 = r"""{%- if tools %}
 # teknium/OpenHermes-2.5-Mistral-7B: abetlen/llama-cpp-python llama_cpp/llama_chat_format.py CHATML_CHAT_TEMPLATE.
 CHATML_PLAIN = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 
-# meta-llama/Meta-Llama-3-8B-Instruct: abetlen/llama-cpp-python llama_cpp/llama_chat_format.py LLAMA3_INSTRUCT_CHAT_TEMPLATE.
+# meta-llama/Meta-Llama-3-8B-Instruct: abetlen/llama-cpp-python llama_cpp/llama_chat_format.py
+# LLAMA3_INSTRUCT_CHAT_TEMPLATE.
 LLAMA3 = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 
 # meta-llama/Llama-3.1-8B-Instruct (July 2024 tokenizer_config.json): a stored public copy (a Python repr in a

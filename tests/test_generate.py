@@ -70,18 +70,19 @@ def test_kv_cache_matches_full_recompute(arch, monkeypatch):
         assert generate(model, prompt, 24, stop_ids=set()) == want
 
 
+@pytest.mark.slow
 def test_kv_cache_matches_full_recompute_on_the_default_model():
+    from elo.chat import render_chat
     from elo.checkpoint import load_model
     from elo.default_model import DEFAULT_MODEL
+    from elo.tokenizer import load_tokenizer
 
     try:
-        model = load_model(DEFAULT_MODEL)
+        model, tokenizer = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
     except Exception as e:  # the GGUF package is optional
         pytest.skip(f"default model unavailable: {e}")
-    # "<|im_start|>user\n..." style id sequences of SmolLM2's vocabulary
-    prompts = [[1, 4093, 198, 19556, 28, 638, 359, 346, 47, 2, 198, 1, 520, 9531, 198],
-               [378, 1116, 2385, 282, 260, 1811]]
-    for prompt in prompts:
+    for question in ("What is the capital of France?", "한국의 수도는 어디인가요?"):
+        prompt = tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": question}]))
         assert generate(model, prompt, 8, stop_ids=set()) == greedy_without_cache(model, prompt, 8)
 
 

@@ -60,8 +60,10 @@ def judge():
 
 
 @pytest.fixture(autouse=True)
-def api_key(monkeypatch):
+def environment(monkeypatch):
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
+    for name in ("NO_PROXY", "no_proxy"):  # the local server must not be reached through a proxy
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
 
 
 def questions(bench: str) -> list[dict]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from elo import tasks
+from elo.scoring import encode_pair
 from elo.tasks import TASKS, build_instances, compute_metrics
 from tests.conftest import DATA
 
@@ -103,6 +105,57 @@ def test_requests_match_lm_eval(name, k, lm_eval_task):
             assert len({i.context[:200] for i in ours}) > 1
 
 
+@pytest.fixture(scope="module", params=["smollm2", "smollm2+bos"])
+def tokenizers(request, tmp_path_factory):
+    """(elo tokenizer, lm-eval HFLM) on SmolLM2's tokenizer, and on a variant whose config adds BOS (as Llama 2's
+    does), which puts BOS on every context. HFLM wraps a one-layer random model: only its tokenization is used."""
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    import elo
+
+    directory = elo.resolve(elo.DEFAULT_MODEL)
+    if request.param == "smollm2+bos":
+        out = tmp_path_factory.mktemp("bos")
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(directory / f, out / f)
+        tj = json.loads((out / "tokenizer.json").read_text())
+        bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+        tj["post_processor"] = {
+            "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+        (out / "tokenizer.json").write_text(json.dumps(tj))
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": True}))
+        directory = out
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    tiny = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(hf_tok), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1))
+    lm = HFLM(pretrained=tiny, tokenizer=hf_tok, device="cpu")
+    ours = elo.load_tokenizer(directory)
+    assert (ours.encode("a", add_bos=True)[0] == 1) == (request.param == "smollm2+bos") == (hf_tok.encode("a")[0] == 1)
+    return ours, lm
+
+
+@pytest.mark.parametrize("name", list(LM_EVAL_SOURCES))
+def test_token_splits_match_lm_eval(name, tokenizers, lm_eval_task):
+    """lm-eval's HFLM.loglikelihood tokenization (_encode_pair: trailing context whitespace moved to the
+    continuation, the whole string encoded then split) of its own requests equals ours."""
+    tok, lm = tokenizers
+    ref = lm_eval_task(name, max(FEWSHOT[name]))
+    captured = []
+
+    def capture(requests, **kwargs):
+        captured.extend((ctx, cont) for _, ctx, cont in requests)
+        return [(0.0, False)] * len(requests)
+
+    lm._loglikelihood_tokens = capture
+    lm.loglikelihood(ref.instances, disable_tqdm=True)
+    ours = build_instances(TASKS[name], EVAL, num_fewshot=max(FEWSHOT[name]), limit=LIMIT)
+    assert [encode_pair(tok, i.context, c) for i in ours for c in i.continuations] == captured
+
+
 @pytest.mark.parametrize("name", ["kobest_hellaswag", "kobest_boolq", "mmlu_astronomy", "jnli"])
 def test_metrics_match_lm_eval(name, lm_eval_task):
     """acc, acc_norm (by characters) and macro F1 from lm-eval's own process_results and aggregation."""
@@ -147,5 +200,5 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"copa_test.jsonl:2: malformed JSON line"):
         build_instances(TASKS["kobest_copa"], tmp_path)
     (bad / "copa_test.jsonl").write_text('{"premise": "a"}\n')
-    with pytest.raises(ValueError, match="record 1 lacks field"):
+    with pytest.raises(ValueError, match="copa_test.jsonl:1: record lacks field"):
         build_instances(TASKS["kobest_copa"], tmp_path)

@@ -198,6 +198,21 @@ def test_split_regex_gaps_are_pieces(smollm2_dir, corpus, tmp_path):
     assert_same_ids(load_tokenizer(tmp_path), _hf(tmp_path), corpus[::4] + EDGE_CASES)
 
 
+def test_added_tokens_matched_before_and_after_normalization(qwen2_style_dir, tmp_path):
+    """normalized=false tokens match the raw text, normalized=true ones the NFC text (HF's two passes)."""
+    tj = json.loads((qwen2_style_dir / "tokenizer.json").read_text("utf-8"))
+    flags = dict(single_word=False, lstrip=False, rstrip=False)
+    tj["added_tokens"] += [
+        dict(id=49152, content="café", normalized=True, special=False, **flags),
+        dict(id=49153, content="<e\u0301>", normalized=False, special=True, **flags),
+    ]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), "utf-8")
+    texts = ["a cafe\u0301 b café c", "<e\u0301> <é> <e\u0301>x", "cafe\u0301<e\u0301>café"]
+    ours = load_tokenizer(tmp_path)
+    assert_same_ids(ours, _hf(tmp_path), texts)
+    assert ours.encode(texts[0]).count(49152) == 2 and ours.encode(texts[1]).count(49153) == 2
+
+
 @pytest.mark.parametrize("variant", ["smollm2_dir", "qwen2_style_dir"])
 def test_byte_level_decode_round_trips(variant, corpus, request):
     ours = _load(request.getfixturevalue(variant))
@@ -214,7 +229,8 @@ def test_smollm2_metadata(smollm2_dir):
     assert ours.special_tokens["<|im_end|>"] == 2 and len(ours.special_tokens) == 17
     assert ours.chat_template == (smollm2_dir / "chat_template.jinja").read_text()
     # add_bos/add_eos add what HF's add_special_tokens=True adds: nothing, for SmolLM2
-    assert ours.encode("Hello world", add_bos=True, add_eos=True) == hf.encode("Hello world") == ours.encode("Hello world")
+    text = "Hello world"
+    assert ours.encode(text, add_bos=True, add_eos=True) == hf.encode(text) == ours.encode(text)
     assert ours.decode(ours.encode("<|im_start|>user\nhi<|im_end|>")) == "<|im_start|>user\nhi<|im_end|>"
     with pytest.raises(ValueError, match="token id 49152 is out of range"):
         ours.decode([5, 49152])
@@ -260,10 +276,21 @@ def test_llama3_tiktoken_file_matches_hf(llama3_tiktoken_dir, corpus):
 
 
 def test_tiktoken_converted_tokenizer_json_matches_hf(llama3_tiktoken_dir, corpus, tmp_path):
-    """HF's conversion of a tiktoken file (a merge for every split, ignore_merges) passes the merge-order check."""
-    _, reference = llama3_tiktoken_dir
+    """A tokenizer.json laid out like Llama 3's on the Hub: HF's conversion of a tiktoken file (a merge for every
+    split, ignore_merges) and a post-processor that adds <|begin_of_text|>."""
+    _, converted = llama3_tiktoken_dir
+    reference = tokenizers.Tokenizer.from_str(converted.to_str())
+    bos = 256 + 8000
+    reference.post_processor = tokenizers.processors.Sequence([
+        tokenizers.processors.ByteLevel(trim_offsets=False),
+        tokenizers.processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                 special_tokens=[("<|begin_of_text|>", bos)]),
+    ])
     reference.save(str(tmp_path / "tokenizer.json"))
-    assert_same_ids(load_tokenizer(tmp_path), reference, corpus[::4] + EDGE_CASES)
+    ours = load_tokenizer(tmp_path)
+    assert_same_ids(ours, reference, corpus[::4] + EDGE_CASES)
+    assert ours.bos_id == bos and ours.eos_id is None
+    assert ours.encode("Hello world", add_bos=True, add_eos=True) == reference.encode("Hello world").ids
 
 
 def test_missing_tokenizer_files_error(tmp_path):

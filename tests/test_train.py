@@ -174,3 +174,28 @@ def test_bad_arguments(run_env, tmp_path):
         train(config_from_args(args(run_env, tmp_path / "d", "--max-steps", "1", "--lr", "1e-2", "--resume")))
     with pytest.raises(SystemExit):
         config_from_args(args(run_env, tmp_path / "e", "--seq-len", "0"))
+
+
+@pytest.mark.slow
+def test_thirty_elo_steps_lower_heldout_korean_loss_on_default_model(tmp_path):
+    """The real thing, small: SmolLM2-135M, layers 1 and 30, Korean + English at 9:1, 30 steps."""
+    if not DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    data = {}
+    for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
+        with open(DATA / "pretrain" / file, encoding="utf-8") as f:
+            data[lang] = tmp_path / f"{lang}.jsonl"
+            data[lang].write_text("".join(next(f) for _ in range(150)), encoding="utf-8")
+    out = tmp_path / "elo"
+    cfg = config_from_args(["--layers", "1,30", "--data", f"ko={data['ko']}", "--data", f"en={data['en']}",
+                            "--seq-len", "128", "--batch-size", "4", "--max-steps", "30", "--lr", "2e-4",
+                            "--warmup-steps", "3", "--eval-every", "30", "--eval-batches", "4",
+                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    train(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    before, after = records[0], records[-1]
+    assert before["step"] == 0 and after["step"] == 30
+    assert after["val_loss/ko"] < before["val_loss/ko"] - 0.05, (before, after)
+    # the submodel splices back into the base checkpoint as a loadable 30-layer model
+    spliced = elo.splice_checkpoint(elo.DEFAULT_MODEL, out / "model", tmp_path / "spliced")
+    assert elo.load_model(spliced).config.num_hidden_layers == 30

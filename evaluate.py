@@ -1,0 +1,222 @@
+"""Evaluate a model: per-language perplexity, lm-evaluation-harness-identical log-likelihood benchmarks, and
+MT-Bench-style generation graded by an LLM judge; or compare result files side by side.
+
+    python evaluate.py --model M --ppl ko=ko.jsonl --ppl en=en.jsonl [--max-docs N] [--seq-len L] --out results.json
+    python evaluate.py --model M --tasks kobest_copa,mmlu --data-dir ../shared/data/eval [--num-fewshot K] [--limit N]
+    python evaluate.py --model M --generate mt_bench --judge-url URL --judge-model NAME [--judge-key-env VAR]
+    python evaluate.py --compare a.json b.json ...
+
+Perplexity files are JSON Lines with a "text" field. Task names and their lm-eval counterparts: elo/tasks.py.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import elo
+from elo import scoring, tasks
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "eval"
+GENERATION_BENCHES = ("mt_bench", "mt_bench_ja", "logickor")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Table 1 columns: (label, section of the results file, entry, metric); KoBEST is reported as macro F1
+COLUMNS = (
+    *[(f"KoBEST {t.split('_')[1]} F1", "tasks", t, "f1") for t in tasks.TASKS if t.startswith("kobest_")],
+    ("MMLU", "tasks", "mmlu", "acc"),
+    ("JCommonsenseQA", "tasks", "jcommonsenseqa", "acc"),
+    ("JNLI", "tasks", "jnli", "acc"),
+    ("LogicKor", "generation", "logickor", "overall"),
+    ("MT-Bench", "generation", "mt_bench", "overall"),
+    ("MT-Bench ja", "generation", "mt_bench_ja", "overall"),
+)
+KOBEST = [t for t in tasks.TASKS if t.startswith("kobest_")]
+FORMATS = {"tasks": "{:.2%}", "generation": "{:.2f}", "perplexity": "{:.4f}"}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_ppl(specs: list[str]) -> dict[str, Path]:
+    out = {}
+    for spec in specs:
+        lang, sep, path = spec.partition("=")
+        if not sep or not lang or not path:
+            raise ValueError(f"--ppl {spec!r}: expected LANG=PATH, e.g. ko=../shared/data/pretrain/ko_wikipedia.jsonl")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--ppl {lang}: file {path} not found")
+        out[lang] = Path(path)
+    return out
+
+
+def load_texts(path: Path, max_docs: int | None) -> list[str]:
+    records = tasks.read_jsonl(path)[:max_docs]
+    for n, record in records:
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{n}: expected a string field \"text\"")
+    return [r["text"] for _, r in records]
+
+
+def split_names(value: str | None) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()] if value else []
+
+
+def write_json(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, path)
+
+
+def results_table(results: dict) -> str:
+    rows = ["| benchmark | metric | value | n |", "|---|---|---|---|"]
+    for lang, r in results.get("perplexity", {}).items():
+        for metric in ("nll_per_token", "perplexity", "bits_per_byte"):
+            rows.append(f"| ppl {lang} | {metric} | {r[metric]:.4f} | {r['docs']} docs, {r['tokens']} tokens |")
+    for name, r in results.get("tasks", {}).items():
+        for metric, value in r.items():
+            if metric != "n":
+                rows.append(f"| {name} | {metric} | {FORMATS['tasks'].format(value).rstrip('%')} | {r['n']} |")
+    for bench, r in results.get("generation", {}).items():
+        if r is not None:
+            overall = "-" if r["overall"] is None else f"{r['overall']:.2f}"
+            rows.append(f"| {bench} | judge score | {overall} | {r['n_judged']} judged, {r['n_failed']} failed |")
+    return "\n".join(rows)
+
+
+def compare_table(paths: list[Path]) -> str:
+    """Models as rows, benchmarks as columns (the shape of the paper's Table 1); only columns some file has."""
+    runs = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"results file {path} not found")
+        try:
+            runs.append(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a results JSON ({e.msg} at line {e.lineno})") from None
+    langs = list(dict.fromkeys(lang for r in runs for lang in r.get("perplexity", {})))
+    columns = [*COLUMNS, *[(f"{lang} bits/byte", "perplexity", lang, "bits_per_byte") for lang in langs]]
+    for run in runs:  # the KoBEST average where all five tasks ran
+        if all(t in run.get("tasks", {}) for t in KOBEST):
+            run["tasks"]["kobest_avg"] = {"f1": sum(run["tasks"][t]["f1"] for t in KOBEST) / len(KOBEST)}
+    columns.insert(len(KOBEST), ("KoBEST avg F1", "tasks", "kobest_avg", "f1"))
+
+    def cell(run: dict, section: str, entry: str, metric: str) -> str | None:
+        value = (run.get(section, {}).get(entry) or {}).get(metric)
+        return None if value is None else FORMATS[section].format(value).rstrip("%")
+
+    table = [[cell(run, *col[1:]) for col in columns] for run in runs]
+    keep = [j for j in range(len(columns)) if any(row[j] is not None for row in table)]
+    names = [f"{r.get('model', '?')} ({p.name})" for r, p in zip(runs, paths)]
+    lines = ["| model | " + " | ".join(columns[j][0] for j in keep) + " |", "|---" * (len(keep) + 1) + "|"]
+    for name, row in zip(names, table):
+        lines.append(f"| {name} | " + " | ".join(row[j] or "-" for j in keep) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=elo.DEFAULT_MODEL, help="HF model directory, hub id or the default model")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--ppl", action="append", default=[], metavar="LANG=PATH", help="JSONL with a 'text' field")
+    p.add_argument("--max-docs", type=int, help="score only the first N documents of each --ppl file")
+    p.add_argument("--seq-len", type=int, help="predicted tokens per rolling window (default: the model's context)")
+    p.add_argument("--tasks", help=f"comma-separated, from: {', '.join(tasks.known_names())}")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's lm-eval default)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--generate", help=f"comma-separated, from: {', '.join(GENERATION_BENCHES)}")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint grading the generated answers")
+    p.add_argument("--judge-model")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument("--out", type=Path, default=Path("results.json"))
+    p.add_argument("--compare", nargs="+", type=Path, metavar="RESULTS", help="print result files side by side")
+    args = p.parse_args(argv)
+    try:
+        if args.compare:
+            print(compare_table(args.compare))
+            return
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+
+
+def run(args: argparse.Namespace) -> None:
+    # check every input before loading the model
+    ppl_files = parse_ppl(args.ppl)
+    groups = tasks.expand(split_names(args.tasks))
+    members = list(dict.fromkeys(t for ts in groups.values() for t in ts))
+    task_files = {f for t in members for f in tasks.data_files(tasks.TASKS[t], args.data_dir, args.num_fewshot)}
+    for f in task_files:
+        if not f.is_file():
+            raise FileNotFoundError(f"data file {f} not found (is --data-dir {args.data_dir} right?)")
+    benches = split_names(args.generate)
+    for b in benches:
+        if b not in GENERATION_BENCHES:
+            raise ValueError(f"unknown --generate benchmark {b!r}; known: {', '.join(GENERATION_BENCHES)}")
+    if args.judge_url and not args.judge_model:
+        raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    if not (ppl_files or members or benches):
+        raise ValueError("nothing to evaluate: give --ppl, --tasks or --generate (or --compare)")
+
+    start = time.time()
+    model = elo.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    tokenizer = elo.load_tokenizer(args.model)
+    seq_len = args.seq_len or model.config.max_position_embeddings
+    results: dict = {
+        "model": args.model,
+        "tokenizer_digest": tokenizer.digest,
+        "settings": {
+            "dtype": args.dtype, "device": args.device, "batch_tokens": args.batch_tokens, "torch": torch.__version__,
+            "seq_len": seq_len if ppl_files else None, "max_docs": args.max_docs,
+            "num_fewshot": {t: tasks.fewshot_count(tasks.TASKS[t], args.num_fewshot) for t in members},
+            "fewshot_seed": tasks.FEWSHOT_SEED, "limit": args.limit,
+        },
+        "data_files": {str(f): sha256(f) for f in [*ppl_files.values(), *sorted(task_files)]},
+    }
+    if ppl_files:
+        results["perplexity"] = {
+            lang: scoring.perplexity(model, tokenizer, load_texts(path, args.max_docs), seq_len, args.batch_tokens)
+            for lang, path in ppl_files.items()
+        }
+    if members:
+        results["tasks"] = scoring.evaluate_tasks(model, tokenizer, list(groups), args.data_dir, args.num_fewshot,
+                                                  args.limit, args.batch_tokens)
+    if benches:
+        from elo.generate import QUESTION_FILES, generate_answers
+        from elo.judge import judge_answers
+
+        results["generation"] = {}
+        for bench in benches:
+            questions = args.data_dir / QUESTION_FILES[bench]
+            results["data_files"][str(questions)] = sha256(questions)
+            answers = args.out.with_name(f"{args.out.stem}.{bench}.answers.jsonl")
+            generate_answers(model, tokenizer, bench, args.data_dir, answers, max_new_tokens=args.max_new_tokens)
+            results["generation"][bench] = None
+            if args.judge_url:
+                results["generation"][bench] = judge_answers(answers, bench, args.data_dir, args.judge_url,
+                                                             args.judge_model, api_key_env=args.judge_key_env)
+    results["elapsed_s"] = round(time.time() - start, 1)
+    write_json(results, args.out)
+    print(results_table(results))
+    print(f"\nwrote {args.out} ({results['elapsed_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
