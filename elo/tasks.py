@@ -233,13 +233,16 @@ def fewshot_count(task: Task, num_fewshot: int | None) -> int:
     k = task.num_fewshot if num_fewshot is None else num_fewshot
     if k < 0:
         raise ValueError(f"num_fewshot must be >= 0, got {k}")
+    if k > 0 and task.fewshot_file is None:
+        raise ValueError(f"{task.name} needs {k} few-shot examples from a train split that is not in the data dir "
+                         f"(JGLUE ships no JNLI train here); run it with --num-fewshot 0")
     return k
 
 
 def data_files(task: Task, data_dir: Path, num_fewshot: int | None) -> list[Path]:
     """The files a run of `task` reads."""
     files = [Path(data_dir) / task.eval_file]
-    if fewshot_count(task, num_fewshot) > 0 and task.fewshot_file is not None:
+    if fewshot_count(task, num_fewshot) > 0:
         files.append(Path(data_dir) / task.fewshot_file)
     return files
 
@@ -267,9 +270,6 @@ def build_instances(task: Task, data_dir: Path, num_fewshot: int | None = None,
         docs = docs[:limit]
     pool: list[dict] = []
     if k > 0:
-        if task.fewshot_file is None:
-            raise ValueError(f"{task.name} needs {k} few-shot examples from a train split that is not in the data dir "
-                             f"(JGLUE ships no JNLI train here); run it with --num-fewshot 0")
         pool = load_docs(task, Path(data_dir) / task.fewshot_file)
         if k > len(pool):
             raise ValueError(f"{task.name}: {k} few-shot examples asked for, the few-shot split has {len(pool)}")

@@ -199,3 +199,22 @@ def test_thirty_elo_steps_lower_heldout_korean_loss_on_default_model(tmp_path):
     # the submodel splices back into the base checkpoint as a loadable 30-layer model
     spliced = elo.splice_checkpoint(elo.DEFAULT_MODEL, out / "model", tmp_path / "spliced")
     assert elo.load_model(spliced).config.num_hidden_layers == 30
+
+
+def test_activation_checkpointing_gives_the_same_losses(run_env, tmp_path):
+    _, _, env = run_env
+    os.environ["ELO_CACHE"] = env["ELO_CACHE"]
+    train(config_from_args(args(run_env, tmp_path / "plain", "--max-steps", "3")))
+    train(config_from_args(args(run_env, tmp_path / "ac", "--max-steps", "3", "--activation-checkpointing")))
+    plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    assert all(abs(plain[s] - ac[s]) <= 1e-6 for s in plain)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_losses(run_env, tmp_path):
+    _, _, env = run_env
+    os.environ["ELO_CACHE"] = env["ELO_CACHE"]
+    train(config_from_args(args(run_env, tmp_path / "plain", "--max-steps", "2")))
+    train(config_from_args(args(run_env, tmp_path / "compiled", "--max-steps", "2", "--compile")))
+    plain, compiled = losses(tmp_path / "plain"), losses(tmp_path / "compiled")
+    assert all(abs(plain[s] - compiled[s]) <= 1e-5 for s in plain)
