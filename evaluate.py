@@ -204,10 +204,10 @@ def run(args: argparse.Namespace) -> None:
 
         results["generation"] = {}
         for bench in benches:
-            questions = args.data_dir / QUESTION_FILES[bench]
-            results["data_files"][str(questions)] = sha256(questions)
             answers = args.out.with_name(f"{args.out.stem}.{bench}.answers.jsonl")
             generate_answers(model, tokenizer, bench, args.data_dir, answers, max_new_tokens=args.max_new_tokens)
+            questions = args.data_dir / QUESTION_FILES[bench]
+            results["data_files"][str(questions)] = sha256(questions)
             results["generation"][bench] = None
             if args.judge_url:
                 results["generation"][bench] = judge_answers(answers, bench, args.data_dir, args.judge_url,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from elo.chat import render_chat, stop_token_ids
+from elo.jsonl import read_jsonl
 
 # Prompts are prefilled in chunks so that the logits of a long prompt never sit in memory all at once
 # (they are (tokens x vocab) floats; only the last position's are needed).
@@ -93,23 +94,6 @@ def generate(model: Any, prompt_ids: list[int], max_new_tokens: int, stop_ids: s
 
 # ---- benchmark questions ----
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a line that is not a JSON object is an error naming the file and line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
-
-
 def load_questions(bench: str, data_dir: Path) -> list[dict]:
     """The bench's questions as {"question_id", "category", "turns": [t1, t2], "references": [r1 | None, r2 | None]}
     (references: LogicKor's own; MT-Bench's come from its reference-answer file, see elo.judge)."""
@@ -119,11 +103,11 @@ def load_questions(bench: str, data_dir: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{bench} questions not found at {path}; expected data_dir to be shared/data/eval")
     questions = []
-    for n, q in enumerate(read_jsonl(path), 1):
+    for n, q in read_jsonl(path):
         logickor = bench == "logickor"
         keys = ("id", "category", "questions") if logickor else ("question_id", "category", "turns")
         if any(k not in q for k in keys) or len(q[keys[2]]) < 2:
-            raise ValueError(f"{path}: record {n} lacks one of the fields {keys} or has fewer than two turns")
+            raise ValueError(f"{path}:{n}: record lacks one of the fields {keys} or has fewer than two turns")
         # two turns, as MT-Bench and LogicKor's own generator use (LogicKor question 3 repeats its second turn)
         questions.append({
             "question_id": q[keys[0]],

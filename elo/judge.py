@@ -27,7 +27,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from elo.generate import append_record, load_questions, read_jsonl, read_records
+from elo.generate import append_record, load_questions, read_records
+from elo.jsonl import read_jsonl
 
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding")  # FastChat's NEED_REF_CATS
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")  # FastChat's one_score_pattern
@@ -74,7 +75,7 @@ class JudgeError(Exception):
 def _prompts_by_name(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"judge prompts not found at {path}; expected data_dir to be shared/data/eval")
-    return {p["name"]: p for p in read_jsonl(path)}
+    return {p["name"]: p for _, p in read_jsonl(path)}
 
 
 def judge_prompts(bench: str, data_dir: Path) -> dict[str, dict]:
@@ -98,7 +99,7 @@ def references(bench: str, data_dir: Path, questions: list[dict]) -> dict[object
     path = Path(data_dir) / bench / "reference_answer_gpt-4.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"reference answers not found at {path}; expected data_dir to be shared/data/eval")
-    answers = {r["question_id"]: r["choices"][0]["turns"] for r in read_jsonl(path)}
+    answers = {r["question_id"]: r["choices"][0]["turns"] for _, r in read_jsonl(path)}
     need = [q["question_id"] for q in questions if q["category"] in NEED_REF_CATEGORIES]
     missing = [qid for qid in need if qid not in answers]
     if missing:

@@ -5,7 +5,8 @@
   `tokenizer.encode(s)` with `add_special_tokens` left alone in transformers).
 - `loglikelihoods`: each request's model input is `(context + continuation)[-(max_length + 1):][:-1]`; requests are
   sorted longest first, batched up to a token budget, padded on the right (harmless under causal attention), one
-  forward per batch; requests with the same input share one row. Log-softmax is taken only at the scored positions.
+  forward per batch; requests with the same input share one row; the choices of one question share their context's
+  forward through the KV cache when it is long enough to pay. Log-softmax is taken only at the scored positions.
 - `perplexity`: lm-eval's `loglikelihood_rolling`: each document is scored on its own in disjoint windows of
   `seq_len` predicted tokens (get_rolling_token_windows + make_disjoint_window with context_len=1), the first token
   conditioned on the BOS token (EOS where there is none); windows of all documents are batched together.
@@ -22,12 +23,17 @@ from torch import Tensor, nn
 
 from elo import tasks as task_defs
 from elo.model import Transformer
+from elo.tokenizer import Tokenizer
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 HEAD_ROWS = 512  # positions pushed through the output head at once: bounds the logits' memory
+# Sharing a prefix costs one extra forward call per group, which on a CPU costs about as much as ~50 tokens
+# (every call reads all the weights); share only when that saves more than twice as much.
+SHARE_MIN_TOKENS = 128
+MIN_FILL = 0.9  # shortest sequence of a batch relative to its longest: padding is computed like real tokens
 
 
-def prefix_token(tokenizer) -> int:
+def prefix_token(tokenizer: Tokenizer) -> int:
     """The token a document's first token is conditioned on: BOS, else EOS (lm-eval's prefix_token_id)."""
     token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     if token is None:
@@ -35,13 +41,13 @@ def prefix_token(tokenizer) -> int:
     return token
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """`text` with the special tokens the tokenizer's config adds by default (BOS for Llama 2, none for Qwen2 or
     SmolLM2): HF's `encode(text)`, which is what HFLM's tok_encode calls."""
     return tokenizer.encode(text, add_bos=True, add_eos=True)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> Request:
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Request:
     """lm-eval's TemplateLM.loglikelihood tokenization of one (context, continuation) pair."""
     if context == "":
         cont = tokenizer.encode(continuation)
@@ -94,52 +100,108 @@ def loglikelihoods(model: Transformer, requests: Sequence[Request], batch_tokens
 
     `max_length` (default: the model's max_position_embeddings) is the longest input; longer requests lose tokens
     on the left as in lm-eval. A batch holds as many sequences as fit in `batch_tokens` padded tokens (at least one).
+    Requests that share everything up to their first scored position (the choices of one multiple-choice question)
+    run that prefix once when it saves at least SHARE_MIN_TOKENS tokens; the rest run whole.
     """
     max_length = max_length or model.config.max_position_embeddings
-    by_input: dict[tuple[int, ...], list[int]] = {}
+    inputs = []
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:
             raise ValueError(f"request {i} has an empty context or continuation ({len(ctx)} and {len(cont)} tokens)")
         if len(cont) > max_length:
             raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={max_length}")
-        by_input.setdefault(tuple((ctx + cont)[-(max_length + 1):][:-1]), []).append(i)
-    inputs = sorted(by_input, key=len, reverse=True)
-    device = model.model.embed_tokens.weight.device
+        inputs.append((ctx + cont)[-(max_length + 1):][:-1])
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for i, inp in enumerate(inputs):
+        by_prefix.setdefault(tuple(inp[:len(inp) - len(requests[i][1]) + 1]), []).append(i)
+    shared = {p: ids for p, ids in by_prefix.items() if (len(ids) - 1) * len(p) >= SHARE_MIN_TOKENS}
+    whole = [i for p, ids in by_prefix.items() if p not in shared for i in ids]
     out = [0.0] * len(requests)
-    start = 0
     with _headless(model) as head:
-        while start < len(inputs):
-            width = len(inputs[start])
-            batch = inputs[start:start + max(1, batch_tokens // width)]
-            start += len(batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, inp in enumerate(batch):
-                ids[row, :len(inp)] = torch.tensor(inp)
-            hidden = model(ids.to(device))
-            # each request's scored positions (its last len(cont) inputs) and their targets, in one flat list
-            rows, targets, owners = [], [], []
-            for row, inp in enumerate(batch):
-                for i in by_input[inp]:
-                    cont = requests[i][1]
-                    rows.append(hidden[row, len(inp) - len(cont):len(inp)])
-                    targets += cont
-                    owners.append(i)
-            logprobs = _target_logprobs(head, torch.cat(rows), torch.tensor(targets, device=device))
-            sums = torch.stack([lp.sum() for lp in logprobs.double().split([r.shape[0] for r in rows])])
-            for i, total in zip(owners, sums.tolist()):
-                out[i] = total
+        _score_whole(model, head, requests, inputs, whole, batch_tokens, out)
+        _score_shared(model, head, requests, shared, batch_tokens, out)
     return out
 
 
-def _target_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    parts = []
+def _batches(seqs: list[tuple[int, ...]], batch_tokens: int) -> Iterator[list[tuple[int, ...]]]:
+    """Consecutive slices of `seqs` (longest first), at least one sequence each, padding to at most `batch_tokens`
+    tokens; a slice also ends before a sequence shorter than MIN_FILL of its first, so padding stays under 10%."""
+    start = 0
+    while start < len(seqs):
+        width, end = len(seqs[start]), start + 1
+        while end < len(seqs) and (end - start + 1) * width <= batch_tokens and len(seqs[end]) >= MIN_FILL * width:
+            end += 1
+        yield seqs[start:end]
+        start = end
+
+
+def _padded(seqs: Sequence[Sequence[int]], width: int, device: torch.device) -> Tensor:
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)  # right padding: causal attention never looks at it
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids.to(device)
+
+
+def _score_whole(model: Transformer, head: nn.Module, requests: Sequence[Request], inputs: list[list[int]],
+                 indices: list[int], batch_tokens: int, out: list[float]) -> None:
+    """One row per distinct input: MMLU's A/B/C/D continuations, one token each, share theirs."""
+    by_input: dict[tuple[int, ...], list[int]] = {}
+    for i in indices:
+        by_input.setdefault(tuple(inputs[i]), []).append(i)
+    device = model.model.embed_tokens.weight.device
+    for batch in _batches(sorted(by_input, key=len, reverse=True), batch_tokens):
+        hidden = model(_padded(batch, len(batch[0]), device))
+        scored = [(i, hidden[row, len(inp) - len(requests[i][1]):len(inp)])
+                  for row, inp in enumerate(batch) for i in by_input[inp]]
+        _add_logprobs(head, requests, scored, out)
+
+
+def _score_shared(model: Transformer, head: nn.Module, requests: Sequence[Request],
+                  shared: dict[tuple[int, ...], list[int]], batch_tokens: int, out: list[float]) -> None:
+    """Each prefix runs once (batched, filling a KV cache); its last position scores every member's first
+    continuation token; then the members' continuations run together, `batch_tokens` at a time, each chunk on its
+    own copy of the prefix's keys and values."""
+    device = model.model.embed_tokens.weight.device
+    for batch in _batches(sorted(shared, key=len, reverse=True), batch_tokens):
+        cache = model.new_cache(len(batch), len(batch[0]))
+        hidden = model(_padded(batch, len(batch[0]), device), cache=cache)
+        scored = []
+        for row, prefix in enumerate(batch):
+            n = len(prefix)
+            last = hidden[row, n - 1:n]
+            members = sorted(shared[prefix], key=lambda i: len(requests[i][1]), reverse=True)
+            tails = {i: requests[i][1][:-1] for i in members}
+            scored += [(i, last) for i in members if not tails[i]]
+            members = [i for i in members if tails[i]]
+            while members:
+                width = len(tails[members[0]])
+                size = max(1, batch_tokens // (n + width))
+                chunk, members = members[:size], members[size:]
+                sub = model.new_cache(len(chunk), n + width)
+                for layer in range(len(sub.k)):
+                    sub.k[layer][:, :, :n] = cache.k[layer][row:row + 1, :, :n]
+                    sub.v[layer][:, :, :n] = cache.v[layer][row:row + 1, :, :n]
+                sub.pos = n
+                rest = model(_padded([tails[i] for i in chunk], width, device), cache=sub)
+                scored += [(i, torch.cat([last, rest[j, :len(tails[i])]])) for j, i in enumerate(chunk)]
+        _add_logprobs(head, requests, scored, out)
+
+
+def _add_logprobs(head: nn.Module, requests: Sequence[Request], scored: list[tuple[int, Tensor]],
+                  out: list[float]) -> None:
+    """out[i] = sum of log p(continuation token) over request i's scored hidden states, all requests in one pass."""
+    hidden = torch.cat([h for _, h in scored])
+    targets = torch.tensor([t for i, _ in scored for t in requests[i][1]], device=hidden.device)
+    logprobs = []
     for h, t in zip(hidden.split(HEAD_ROWS), targets.split(HEAD_ROWS)):
         logits = head(h).float()
-        parts.append(logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1))
-    return torch.cat(parts)
+        logprobs.append(logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1))
+    sums = torch.cat(logprobs).double().split([h.shape[0] for _, h in scored])
+    for (i, _), lp in zip(scored, sums):
+        out[i] = lp.sum().item()
 
 
-def perplexity(model: Transformer, tokenizer, texts: Sequence[str], seq_len: int,
+def perplexity(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], seq_len: int,
                batch_tokens: int = 8192) -> dict[str, float]:
     """Mean NLL per token, perplexity and bits per byte (total NLL in nats / ln 2 / UTF-8 bytes) over `texts`."""
     prefix = prefix_token(tokenizer)
@@ -161,7 +223,7 @@ def perplexity(model: Transformer, tokenizer, texts: Sequence[str], seq_len: int
     }
 
 
-def evaluate_tasks(model: Transformer, tokenizer, names: list[str], data_dir: str | Path,
+def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, names: list[str], data_dir: str | Path,
                    num_fewshot: int | None = None, limit: int | None = None,
                    batch_tokens: int = 8192) -> dict[str, dict[str, float]]:
     """Metrics of each named task or group (and of a group's member tasks); requests of all tasks are scored in one

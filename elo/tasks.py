@@ -10,8 +10,9 @@ characters; lm-eval's `acc_bytes` is the byte-length variant, not `acc_norm`) an
 Our names map to lm-eval's tasks:
     kobest_boolq ... kobest_wic -> kobest_* (identical names; eval split = test, few-shot from train)
     mmlu                        -> the mmlu group restricted to the 12 subjects in the data dir, each subject its own
-                                   task mmlu_<subject> (eval = test, few-shot = the first k of that subject's dev);
-                                   the group's acc is the mean over all documents, as lm-eval weights by size
+                                   task mmlu_<subject> (eval = test, few-shot = the first k of that subject's dev;
+                                   a limit applies to each subject, as in lm-eval); the group's acc is the mean over
+                                   all documents, as lm-eval weights subtasks by size
     jcommonsenseqa              -> ja_leaderboard_jcommonsenseqa (eval = JGLUE valid, few-shot from train, k=3 default)
     jnli                        -> ja_leaderboard_jnli (eval = JGLUE valid; its train split is not in the data, so only
                                    zero-shot runs)
@@ -275,17 +276,14 @@ def build_instances(task: Task, data_dir: Path, num_fewshot: int | None = None,
             raise ValueError(f"{task.name}: {k} few-shot examples asked for, the few-shot split has {len(pool)}")
     # one generator per task, drawn once per document in order: what lm-eval's sampler does after set_fewshot_seed
     rnd = random.Random(FEWSHOT_SEED)
-    header = task.description
-    if task.sampler == "first_n":
-        header += _shots(task, pool[:k])
     instances = []
     for i, doc in enumerate(docs):
-        prefix = header if task.sampler == "first_n" else task.description + _shots(task, rnd.sample(pool, k) if k else [])
-        gold = task.doc_to_target(doc)
-        choices = task.doc_to_choice(doc)
+        shots = pool[:k] if task.sampler == "first_n" else rnd.sample(pool, k) if k else []
+        context = task.description + _shots(task, shots) + task.doc_to_text(doc)
+        gold, choices = task.doc_to_target(doc), task.doc_to_choice(doc)
         if not 0 <= gold < len(choices):
             raise ValueError(f"{task.name} document {i}: gold index {gold} outside the {len(choices)} choices")
-        instances.append(Instance(task.name, i, prefix + task.doc_to_text(doc), choices, gold, task.target_delimiter))
+        instances.append(Instance(task.name, i, context, choices, gold, task.target_delimiter))
     return instances
 
 

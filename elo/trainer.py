@@ -255,7 +255,7 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     out = Path(cfg.out)
     resume_from = _prepare_out(cfg, out, d)
-    torch.manual_seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed)  # the same on every rank: model init (LoRA) must agree before sharding
     tokenizer = load_tokenizer(cfg.model)
     mix = parse_mix(cfg.mix) if cfg.mix else None
     sampler, info = build_dataset(cfg.data, tokenizer, cfg.seq_len, mix, cfg.seed, d.rank, d.world_size,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import elo
+from elo import scoring
 from elo.scoring import encode_pair, loglikelihoods, perplexity, rolling_windows
 from tests.conftest import DATA
 
@@ -76,6 +77,28 @@ def test_loglikelihoods_match_transformers(tiny):
     assert max(abs(a - b) for a, b in zip(ours, ref)) <= LL_TOL
 
 
+def multiple_choice_requests(seed: int) -> list[tuple[list[int], list[int]]]:
+    """Questions of 2-5 choices with 20-50 token contexts and 1-7 token continuations (some sharing a first token)."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(6):
+        ctx = [rng.randrange(256) for _ in range(rng.randint(20, 50))]
+        reqs += [(ctx, [rng.randrange(256) for _ in range(rng.randint(1, 7))]) for _ in range(rng.randint(2, 5))]
+    return reqs
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_prefix_path_matches_transformers(tiny, share, monkeypatch):
+    """Choices of one question scored through one shared, KV-cached context (sliding windows included) or whole."""
+    arch, directory, hf = tiny
+    monkeypatch.setattr(scoring, "SHARE_MIN_TOKENS", 0 if share else 10**9)
+    model = elo.load_model(directory)
+    reqs = multiple_choice_requests(seed=3)
+    ours = loglikelihoods(model, reqs, batch_tokens=100)
+    ref = [hf_logprob(hf, ctx, cont) for ctx, cont in reqs]
+    assert max(abs(a - b) for a, b in zip(ours, ref)) <= LL_TOL
+
+
 def test_batched_equals_unbatched(tiny_llama):
     directory, _ = tiny_llama
     model = elo.load_model(directory)
@@ -121,8 +144,11 @@ def reference_perplexity(hf, tok, texts: list[str], seq_len: int, prefix: int) -
     return nll
 
 
-def test_perplexity_matches_transformers(tiny):
+@pytest.mark.parametrize("share", [True, False])
+def test_perplexity_matches_transformers(tiny, share, monkeypatch):
+    """With sharing forced, the first windows of all documents share the prefix token's forward."""
     arch, directory, hf = tiny
+    monkeypatch.setattr(scoring, "SHARE_MIN_TOKENS", 0 if share else 10**9)
     model = elo.load_model(directory)
     tok = ByteTokenizer()
     rng = random.Random(2)
