@@ -99,8 +99,10 @@ def worker(impl: str, mode: str, a) -> dict:
     x, y = ids[:, :-1], ids[:, 1:]
 
     def step():
-        logits = logits_of(model(x))
-        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        if impl == "elo":  # elo's training path: the fused head + cross-entropy (elo/loss.py)
+            (model(x, targets=y)[0] / y.numel()).backward()
+        else:
+            F.cross_entropy(logits_of(model(x)).float().flatten(0, 1), y.flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elo.config import ModelConfig
+from elo.loss import head_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -190,8 +191,11 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those it holds."""
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None,
+                targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those it holds.
+        With `targets` (batch, seq; < 0 ignored): (summed cross-entropy, per-token losses) instead, through the fused
+        head + loss of elo.loss, which never holds the whole logits tensor."""
         T = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
         if cache is not None and start + T > cache.max_seq_len:
@@ -203,4 +207,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, masks[self.config.window(i)], cache, i)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        if targets is not None:
+            return head_cross_entropy(x, self.lm_head.weight, targets)
+        return self.lm_head(x)

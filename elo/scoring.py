@@ -196,9 +196,11 @@ def _add_logprobs(head: nn.Module, requests: Sequence[Request], scored: list[tup
     for h, t in zip(hidden.split(HEAD_ROWS), targets.split(HEAD_ROWS)):
         logits = head(h).float()
         logprobs.append(logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1))
-    sums = torch.cat(logprobs).double().split([h.shape[0] for _, h in scored])
-    for (i, _), lp in zip(scored, sums):
-        out[i] = lp.sum().item()
+    owner = torch.repeat_interleave(torch.tensor([h.shape[0] for _, h in scored], device=hidden.device))
+    sums = torch.zeros(len(scored), dtype=torch.float64, device=hidden.device)
+    sums.index_add_(0, owner, torch.cat(logprobs).double())
+    for (i, _), total in zip(scored, sums.tolist()):
+        out[i] = total
 
 
 def perplexity(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], seq_len: int,

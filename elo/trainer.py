@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elo import distributed
@@ -110,11 +109,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sums of token cross-entropy (targets < 0 are ignored), in fp32."""
-    logits = model(inputs)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
-    return loss.view(targets.shape).sum(1)
+def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token cross-entropy, per-sequence sums for logging); targets < 0 are ignored; fp32."""
+    total, per_token = model(inputs, targets=targets)
+    return total, per_token.sum(1)
 
 
 # ---- checkpoints ----
@@ -214,7 +212,7 @@ def evaluate(model: nn.Module, sampler, cfg: TrainConfig, device: torch.device) 
         for i, batch in enumerate(sampler.val_batches(lang, cfg.batch_size)):
             if i == cfg.eval_batches:
                 break
-            total += token_losses(model, batch.inputs.to(device), batch.targets.to(device)).sum().item()
+            total += token_losses(model, batch.inputs.to(device), batch.targets.to(device))[0].item()
             count += (batch.targets >= 0).sum().item()
         result[f"val_loss/{lang}"] = total / count
     model.train()
@@ -316,10 +314,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             if d.sharded:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
             with autocast:
-                per_seq = token_losses(model, batch.inputs.to(d.device), batch.targets.to(d.device))
-            (per_seq.sum() * scale).backward()
-            for lang, loss, n in zip(batch.langs, per_seq.detach().cpu(), (batch.targets >= 0).sum(1)):
-                lang_loss[lang] += torch.stack([loss, n.float()])
+                loss, per_seq = token_losses(model, batch.inputs.to(d.device), batch.targets.to(d.device))
+            (loss * scale).backward()
+            for lang, seq_loss, n in zip(batch.langs, per_seq.detach().cpu(), (batch.targets >= 0).sum(1)):
+                lang_loss[lang] += torch.stack([seq_loss, n.float()])
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()

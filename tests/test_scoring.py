@@ -133,6 +133,22 @@ def test_encode_pair_moves_trailing_space():
     assert encode_pair(ByteTokenizer(), "", "xy") == ([1], [120, 121])  # empty context: after the prefix token
 
 
+def test_evaluate_tasks_assigns_scores_to_their_documents(tiny_llama):
+    """All tasks scored in one pass give what scoring each document's choices on its own gives."""
+    from elo import tasks
+
+    if not (DATA / "eval").is_dir():
+        pytest.skip(f"shared data not found under {DATA}")
+    model, tok = elo.load_model(tiny_llama[0]), ByteTokenizer()
+    got = scoring.evaluate_tasks(model, tok, ["kobest_sentineg", "mmlu"], DATA / "eval", limit=3)
+    assert set(got) == {"kobest_sentineg", "mmlu", *tasks.GROUPS["mmlu"]}
+    for name in ["kobest_sentineg", *tasks.GROUPS["mmlu"]]:
+        insts = tasks.build_instances(tasks.TASKS[name], DATA / "eval", limit=3)
+        lls = [loglikelihoods(model, [encode_pair(tok, i.context, c) for c in i.continuations]) for i in insts]
+        assert got[name] == tasks.compute_metrics(tasks.TASKS[name], insts, lls)
+    assert got["mmlu"] == tasks.aggregate([got[t] for t in tasks.GROUPS["mmlu"]])
+
+
 def reference_perplexity(hf, tok, texts: list[str], seq_len: int, prefix: int) -> float:
     """Total NLL by lm-eval's own window functions and one transformers forward per window."""
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

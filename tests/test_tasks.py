@@ -46,8 +46,8 @@ def hf_records(name: str, split_file: str) -> list[dict]:
     """A split as the HF dataset lm-eval normally downloads has it: the local file with the task's fields only
     (KoBEST SentiNeg's test file also carries the un-negated originals), restricted to the MMLU subject, with JNLI's
     string labels as the ClassLabel ids of the HF JGLUE dataset."""
-    fields = TASKS[name].fields
-    records = [{k: r[k] for k in fields} for r in map(json.loads, open(EVAL / split_file, encoding="utf-8"))]
+    with open(EVAL / split_file, encoding="utf-8") as f:
+        records = [{k: r[k] for k in TASKS[name].fields} for r in map(json.loads, f)]
     if name.startswith("mmlu_"):
         records = [r for r in records if r["subject"] == name[len("mmlu_"):]]
     if name == "jnli":

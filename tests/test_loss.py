@@ -1,0 +1,47 @@
+"""The fused head + cross-entropy equals logits -> F.cross_entropy, in value and gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elo import loss as fused
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_fused_head_loss_matches_reference(monkeypatch, weight_trains):
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 7)  # several chunks, the last one partial
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=weight_trains)
+    targets = torch.randint(0, 50, (3, 10), generator=g)
+    targets[0, :4] = -100  # ignored positions (e.g. prompt tokens in SFT)
+
+    total, per_token = fused.head_cross_entropy(hidden, weight, targets)
+    (2.5 * total).backward()
+    grads = hidden.grad.clone(), weight.grad.clone() if weight_trains else None
+    hidden.grad = weight.grad = None
+
+    ref_tokens = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="none",
+                                 ignore_index=-100).view(3, 10)
+    (2.5 * ref_tokens.sum()).backward()
+    assert torch.allclose(per_token, ref_tokens, atol=1e-5) and per_token[0, :4].eq(0).all()
+    assert torch.allclose(total, ref_tokens.sum(), atol=1e-4)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-5)
+    if weight_trains:
+        assert torch.allclose(grads[1], weight.grad, atol=1e-5)
+
+
+def test_no_gradient_work_without_grad():
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    with torch.no_grad():
+        total, _ = fused.head_cross_entropy(hidden, weight, torch.randint(0, 20, (4,)))
+    assert not total.requires_grad
+
+
+def test_model_loss_equals_logits_loss(tiny_llama):
+    import elo
+
+    model = elo.load_model(tiny_llama[0])
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    total, per_token = model(ids[:, :-1], targets=ids[:, 1:])
+    ref = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    assert torch.allclose(total, ref, rtol=1e-5)
