@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--impls", default="elo,transformers")
+    p.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES) + " (speedups need full)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -133,7 +134,8 @@ def main() -> None:
           f"after 1 warm-up, each run in its own process", flush=True)
     argv = [a for a in sys.argv[1:]]
     results = {}
-    for mode in MODES:
+    modes = a.modes.split(",")
+    for mode in modes:
         for impl in a.impls.split(","):
             cmd = [sys.executable, __file__, *argv, "--vocab", str(a.vocab), "--worker", impl, mode]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -141,21 +143,22 @@ def main() -> None:
             r = results[impl, mode]
             print(f"  {impl:12} {mode:7} {r['step_s']:.2f} s/step  {[round(t, 2) for t in r['times']]}", flush=True)
     tokens = a.batch_size * a.seq_len
-    flops = {m: results["elo", m]["flops_per_token"] for m in MODES}
+    flops = {m: results["elo", m]["flops_per_token"] for m in modes}
     print(f"\n| mode | impl | step s | tokens/s | peak RSS GB | trainable params | GFLOP/token | GFLOP/s | "
           f"speedup vs FFT | FLOP bound | fraction of bound |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for mode in MODES:
+    for mode in modes:
         for impl in a.impls.split(","):
             r = results[impl, mode]
-            speedup = results[impl, "full"]["step_s"] / r["step_s"]
-            bound = flops["full"] / flops[mode]
+            full = results.get((impl, "full"), {"step_s": float("nan")})
+            speedup = full["step_s"] / r["step_s"]
+            bound = flops.get("full", float("nan")) / flops[mode]
             print(f"| {LABEL[mode]} | {impl} | {r['step_s']:.2f} | {tokens / r['step_s']:,.0f} | {r['peak_rss_gb']:.2f} | "
                   f"{r['trainable']:,} | {flops[mode] / 1e9:.3f} | {flops[mode] * tokens / r['step_s'] / 1e9:.0f} | "
                   f"{speedup:.2f}x | {bound:.2f}x | {speedup / bound:.3f} |")
     if "transformers" in a.impls:
         print("\n| mode | elo tokens/s / transformers tokens/s |\n|---|---|")
-        for mode in MODES:
+        for mode in modes:
             print(f"| {LABEL[mode]} | {results['transformers', mode]['step_s'] / results['elo', mode]['step_s']:.3f}x |")
 
 
