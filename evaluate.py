@@ -23,6 +23,7 @@ import torch
 
 import elo
 from elo import scoring, tasks
+from elo.jsonl import read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "eval"
 GENERATION_BENCHES = ("mt_bench", "mt_bench_ja", "logickor")
@@ -62,7 +63,7 @@ def parse_ppl(specs: list[str]) -> dict[str, Path]:
 
 
 def load_texts(path: Path, max_docs: int | None) -> list[str]:
-    records = tasks.read_jsonl(path)[:max_docs]
+    records = read_jsonl(path)[:max_docs]
     for n, record in records:
         if not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{n}: expected a string field \"text\"")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", help=f"comma-separated, from: {', '.join(tasks.known_names())}")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's lm-eval default)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (MMLU: subject)")
     p.add_argument("--generate", help=f"comma-separated, from: {', '.join(GENERATION_BENCHES)}")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint grading the generated answers")

@@ -20,11 +20,12 @@ MARC-ja (ja_leaderboard_marc_ja) has no data here and nothing stands in for it.
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from elo.jsonl import read_jsonl
 
 FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
 
@@ -207,26 +208,6 @@ def expand(names: list[str]) -> dict[str, list[str]]:
         else:
             raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(known_names())}")
     return out
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of each line of a JSON Lines file; a missing file or a line that is not a JSON object
-    is a one-line error naming the file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            records.append((n, record))
-    return records
 
 
 def fewshot_count(task: Task, num_fewshot: int | None) -> int:
