@@ -1,40 +1,46 @@
 """Cross-entropy of the LM head fused with the head itself, computed in row chunks.
 
 The usual path materialises logits (tokens x vocab), then log-softmax, then in backward a zero-filled gradient and
-the log-softmax gradient: four passes over a tokens x vocab buffer, which for ELO's 2-layer model cost as much time
-as the two decoder layers. Here each chunk's logits become their own gradient (softmax minus one-hot) in place, in
-the forward pass, and are multiplied straight into the gradients of the hidden states and (if it trains) the head
-weight; the backward pass only scales those by the incoming gradient. Same math, one pass, chunk-sized memory.
+the log-softmax gradient: several passes over a tokens x vocab buffer, which for ELO's 2-layer model cost as much time
+as the two decoder layers. Here each chunk's log-softmax (one fused pass) becomes its own gradient (softmax minus
+one-hot) in place, in the forward pass, and is multiplied straight into the gradients of the hidden states and (if
+it trains) the head weight; the backward pass only scales those by the incoming gradient. Same math, two passes
+instead of several, chunk-sized memory.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 512
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, need_hidden: bool, need_weight: bool):
-        n = hidden.shape[0]
-        losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        n, rows = hidden.shape[0], min(CHUNK_ROWS, hidden.shape[0])
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for s in range(0, n, CHUNK_ROWS):
-            h, t = hidden[s:s + CHUNK_ROWS], targets[s:s + CHUNK_ROWS]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
+        # two chunk buffers, reused: a fresh tokens x vocab allocation per chunk costs as much as a pass over it
+        logits_buf = hidden.new_empty(rows, weight.shape[0])
+        logp_buf = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, rows):
+            h, t = hidden[s:s + rows], targets[s:s + rows]
+            m = len(t)
+            logits = torch.matmul(h, weight.T, out=logits_buf[:m])
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[:m])  # one fused pass
             valid = t >= 0
             index = t.clamp(min=0)
-            losses[s:s + len(t)] = (lse - logits.gather(1, index[:, None]).squeeze(1)) * valid
+            losses[s:s + m] = -logp.gather(1, index[:, None]).squeeze(1) * valid
             if need_hidden or need_weight:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                grad[torch.arange(len(t), device=grad.device), index] -= 1
-                grad.mul_(valid[:, None])
+                grad = logp.exp_()  # softmax, in place
+                grad[torch.arange(m, device=grad.device), index] -= 1
+                if not valid.all():
+                    grad[~valid] = 0
                 grad = grad.to(hidden.dtype)
                 if need_hidden:
-                    grad_hidden[s:s + len(t)] = grad @ weight
+                    torch.matmul(grad, weight, out=grad_hidden[s:s + m])
                 if need_weight:
                     grad_weight.add_((grad.T @ h).float())
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -45,3 +45,20 @@ def test_model_loss_equals_logits_loss(tiny_llama):
     total, per_token = model(ids[:, :-1], targets=ids[:, 1:])
     ref = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
     assert torch.allclose(total, ref, rtol=1e-5)
+
+
+def test_fused_head_loss_bf16(monkeypatch):
+    """bf16 hidden states and head: log-softmax and losses in fp32, gradients in bf16, as the reference computes."""
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 5)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(40, 16, generator=g).bfloat16()
+    targets = torch.randint(0, 40, (12,), generator=g)
+    total, per_token = fused.head_cross_entropy(hidden, weight, targets)
+    total.backward()
+    grad, hidden.grad = hidden.grad.clone(), None
+    ref = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+    ref.sum().backward()
+    assert per_token.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert torch.allclose(per_token, ref, atol=1e-5)
+    assert torch.allclose(grad.float(), hidden.grad.float(), atol=1e-2)
