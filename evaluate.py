@@ -11,11 +11,8 @@ Perplexity files are JSON Lines with a "text" field. Task names and their lm-eva
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,31 +20,13 @@ import torch
 
 import elo
 from elo import scoring, tasks
+from elo.files import atomic_write_text, sha256_file
 from elo.jsonl import read_jsonl
+from elo.results import compare_table, results_table
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "eval"
 GENERATION_BENCHES = ("mt_bench", "mt_bench_ja", "logickor")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Table 1 columns: (label, section of the results file, entry, metric); KoBEST is reported as macro F1
-COLUMNS = (
-    *[(f"KoBEST {t.split('_')[1]} F1", "tasks", t, "f1") for t in tasks.TASKS if t.startswith("kobest_")],
-    ("MMLU", "tasks", "mmlu", "acc"),
-    ("JCommonsenseQA", "tasks", "jcommonsenseqa", "acc"),
-    ("JNLI", "tasks", "jnli", "acc"),
-    ("LogicKor", "generation", "logickor", "overall"),
-    ("MT-Bench", "generation", "mt_bench", "overall"),
-    ("MT-Bench ja", "generation", "mt_bench_ja", "overall"),
-)
-KOBEST = [t for t in tasks.TASKS if t.startswith("kobest_")]
-FORMATS = {"tasks": "{:.2%}", "generation": "{:.2f}", "perplexity": "{:.4f}"}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_ppl(specs: list[str]) -> dict[str, Path]:
@@ -72,60 +51,6 @@ def load_texts(path: Path, max_docs: int | None) -> list[str]:
 
 def split_names(value: str | None) -> list[str]:
     return [n.strip() for n in value.split(",") if n.strip()] if value else []
-
-
-def write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
-
-
-def results_table(results: dict) -> str:
-    rows = ["| benchmark | metric | value | n |", "|---|---|---|---|"]
-    for lang, r in results.get("perplexity", {}).items():
-        for metric in ("nll_per_token", "perplexity", "bits_per_byte"):
-            rows.append(f"| ppl {lang} | {metric} | {r[metric]:.4f} | {r['docs']} docs, {r['tokens']} tokens |")
-    for name, r in results.get("tasks", {}).items():
-        for metric, value in r.items():
-            if metric != "n":
-                rows.append(f"| {name} | {metric} | {FORMATS['tasks'].format(value).rstrip('%')} | {r['n']} |")
-    for bench, r in results.get("generation", {}).items():
-        if r is not None:
-            overall = "-" if r["overall"] is None else f"{r['overall']:.2f}"
-            rows.append(f"| {bench} | judge score | {overall} | {r['n_judged']} judged, {r['n_failed']} failed |")
-    return "\n".join(rows)
-
-
-def compare_table(paths: list[Path]) -> str:
-    """Models as rows, benchmarks as columns (the shape of the paper's Table 1); only columns some file has."""
-    runs = []
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"results file {path} not found")
-        try:
-            runs.append(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a results JSON ({e.msg} at line {e.lineno})") from None
-    langs = list(dict.fromkeys(lang for r in runs for lang in r.get("perplexity", {})))
-    columns = [*COLUMNS, *[(f"{lang} bits/byte", "perplexity", lang, "bits_per_byte") for lang in langs]]
-    for run in runs:  # the KoBEST average where all five tasks ran
-        if all(t in run.get("tasks", {}) for t in KOBEST):
-            run["tasks"]["kobest_avg"] = {"f1": sum(run["tasks"][t]["f1"] for t in KOBEST) / len(KOBEST)}
-    columns.insert(len(KOBEST), ("KoBEST avg F1", "tasks", "kobest_avg", "f1"))
-
-    def cell(run: dict, section: str, entry: str, metric: str) -> str | None:
-        value = (run.get(section, {}).get(entry) or {}).get(metric)
-        return None if value is None else FORMATS[section].format(value).rstrip("%")
-
-    table = [[cell(run, *col[1:]) for col in columns] for run in runs]
-    keep = [j for j in range(len(columns)) if any(row[j] is not None for row in table)]
-    names = [f"{r.get('model', '?')} ({p.name})" for r, p in zip(runs, paths)]
-    lines = ["| model | " + " | ".join(columns[j][0] for j in keep) + " |", "|---" * (len(keep) + 1) + "|"]
-    for name, row in zip(names, table):
-        lines.append(f"| {name} | " + " | ".join(row[j] or "-" for j in keep) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
             "num_fewshot": {t: tasks.fewshot_count(tasks.TASKS[t], args.num_fewshot) for t in members},
             "fewshot_seed": tasks.FEWSHOT_SEED, "limit": args.limit,
         },
-        "data_files": {str(f): sha256(f) for f in [*ppl_files.values(), *sorted(task_files)]},
+        "data_files": {str(f): sha256_file(f) for f in [*ppl_files.values(), *sorted(task_files)]},
     }
     if ppl_files:
         results["perplexity"] = {
@@ -208,13 +133,13 @@ def run(args: argparse.Namespace) -> None:
             answers = args.out.with_name(f"{args.out.stem}.{bench}.answers.jsonl")
             generate_answers(model, tokenizer, bench, args.data_dir, answers, max_new_tokens=args.max_new_tokens)
             questions = args.data_dir / QUESTION_FILES[bench]
-            results["data_files"][str(questions)] = sha256(questions)
+            results["data_files"][str(questions)] = sha256_file(questions)
             results["generation"][bench] = None
             if args.judge_url:
                 results["generation"][bench] = judge_answers(answers, bench, args.data_dir, args.judge_url,
                                                              args.judge_model, api_key_env=args.judge_key_env)
     results["elapsed_s"] = round(time.time() - start, 1)
-    write_json(results, args.out)
+    atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=2))
     print(results_table(results))
     print(f"\nwrote {args.out} ({results['elapsed_s']} s)")
 

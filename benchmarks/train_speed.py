@@ -84,13 +84,10 @@ def transformers_model(mode: str, a) -> torch.nn.Module:
 
 def worker(impl: str, mode: str, a) -> dict:
     torch.set_num_threads(a.threads)
-    flops = ours(mode, a)[1] if impl == "elo" else None
     if impl == "elo":
-        model = ours(mode, a)[0]
-        logits_of = lambda out: out
+        model, flops = ours(mode, a)
     else:
-        model = transformers_model(mode, a)
-        logits_of = lambda out: out.logits
+        model, flops = transformers_model(mode, a), None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -102,7 +99,7 @@ def worker(impl: str, mode: str, a) -> dict:
         if impl == "elo":  # elo's training path: the fused head + cross-entropy (elo/loss.py)
             (model(x, targets=y)[0] / y.numel()).backward()
         else:
-            F.cross_entropy(logits_of(model(x)).float().flatten(0, 1), y.flatten()).backward()
+            F.cross_entropy(model(x).logits.float().flatten(0, 1), y.flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

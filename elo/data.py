@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
+from elo.files import sha256_file
+
 _CHUNK_CHARS = 1 << 20  # characters handed to encode_batch at a time: big enough for its threads, small in memory
 _MAX_VAL_SEQUENCES = 64
 _CACHE_FORMAT = 1  # bump when the cache layout changes
@@ -132,12 +134,15 @@ def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no data files given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"data file not found: {p}")
     if tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no eos_id; it is needed to separate documents")
     dtype = token_dtype(tokenizer.vocab_size)
     key = hashlib.sha256(json.dumps({
         "format": _CACHE_FORMAT, "tokenizer": tokenizer.digest, "eos": tokenizer.eos_id, "dtype": dtype.name,
-        "field": field, "files": [_file_sha256(p) for p in paths],
+        "field": field, "files": [sha256_file(p) for p in paths],
     }).encode()).hexdigest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f"{key}.{dtype.name}.bin"
@@ -160,16 +165,6 @@ def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
             os.unlink(tmp)
         raise
     return _open_tokens(cache, dtype), cache, time.perf_counter() - start
-
-
-def _file_sha256(path: Path) -> str:
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:

@@ -25,12 +25,11 @@ def _trains(m: nn.Module) -> bool:
 
 def _linear(m: nn.Module, input_grad: bool) -> float:
     out_f, in_f = m.weight.shape
-    f = 2 * in_f * out_f
-    total = f + (f if input_grad else 0) + (2 * f if m.weight.requires_grad else 0)
-    if isinstance(m, LoRALinear):
-        r = m.lora_A.shape[0]
-        a, b = 2 * r * in_f, 2 * out_f * r
-        total += a + b + 2 * a + 2 * b + b + (a if input_grad else 0)  # forward, both weight grads, input grads
+    f = 2 * in_f * out_f  # one matrix multiply: forward, input gradient and weight gradient each cost this
+    total = f + (f if input_grad else 0) + (f if m.weight.requires_grad else 0)
+    if isinstance(m, LoRALinear):  # x -> A -> B: both forward, both weight gradients, B's input gradient always
+        a, b = 2 * m.lora_A.shape[0] * in_f, 2 * out_f * m.lora_A.shape[0]
+        total += 2 * (a + b) + b + (a if input_grad else 0)
     return total
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from elo.chat import render_chat, stop_token_ids
+from elo.files import atomic_write_text
 from elo.jsonl import read_jsonl
 
 # Prompts are prefilled in chunks so that the logits of a long prompt never sit in memory all at once
@@ -143,9 +144,7 @@ def read_records(path: Path, repair: bool = True) -> list[dict]:
         if not repair:
             return records
         # rewrite newline-terminated (without a cut-short line) so that the next append starts a line of its own
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
     return records
 
 

@@ -24,6 +24,7 @@ from elo import distributed
 from elo.checkpoint import load_model, save_model
 from elo.data import build_dataset, parse_mix
 from elo.default_model import DEFAULT_MODEL
+from elo.files import atomic_write_text
 from elo.flops import peak_flops, train_flops_per_token
 from elo.lora import add_lora, merge_lora_state
 from elo.model import Transformer
@@ -184,9 +185,7 @@ def _prepare_out(cfg: TrainConfig, out: Path, d: distributed.Dist) -> Path | Non
     distributed.barrier(d)  # every rank has checked before rank 0 writes
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        os.replace(tmp, saved)
+        atomic_write_text(saved, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return ckpts[-1] if cfg.resume and ckpts else None
 
 
@@ -228,9 +227,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records past the checkpoint being resumed (written before a crash), so each step is logged once."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _final_state(model: nn.Module, d: distributed.Dist) -> dict[str, torch.Tensor]:

@@ -66,3 +66,24 @@ def tiny(request, tmp_path_factory):
 def tiny_llama(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-llama")
     return directory, build_hf_checkpoint("llama", directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and its real tokenizer files (for the scripts end to end)."""
+    import shutil
+
+    import transformers
+
+    import elo
+
+    directory = tmp_path_factory.mktemp("tiny-smollm2-vocab")
+    tok_dir = elo.resolve(elo.DEFAULT_MODEL)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tok_dir / name, directory / name)
+    return directory

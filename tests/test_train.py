@@ -20,21 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run_env(tmp_path_factory):
+def run_env(tmp_path_factory, tiny_with_tokenizer):
     """A tiny random Llama with the real SmolLM2 tokenizer, small ko/en corpora from ../shared/data."""
-    import transformers
-
     if not DATA.is_dir():
         pytest.skip("../shared/data is not present")
     root = tmp_path_factory.mktemp("train")
-    tok_dir = elo.resolve(elo.DEFAULT_MODEL)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tok_dir / name, root / "model" / name)
+    shutil.copytree(tiny_with_tokenizer, root / "model")
     data = {}
     for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
         with open(DATA / "pretrain" / file, encoding="utf-8") as f:
