@@ -36,13 +36,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if need_hidden or need_weight:
                 grad = logp.exp_()  # softmax, in place
                 grad[torch.arange(m, device=grad.device), index] -= 1
-                if not valid.all():
-                    grad[~valid] = 0
                 grad = grad.to(hidden.dtype)
+                # ignored tokens: zero their rows on the narrow side (m x hidden), not the m x vocab gradient
+                keep = valid[:, None].to(hidden.dtype)
                 if need_hidden:
-                    torch.matmul(grad, weight, out=grad_hidden[s:s + m])
+                    torch.matmul(grad, weight, out=grad_hidden[s:s + m]).mul_(keep)
                 if need_weight:
-                    grad_weight.add_((grad.T @ h).float())
+                    grad_weight.add_((grad.T @ (h * keep)).float())
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(losses)
