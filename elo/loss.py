@@ -62,7 +62,12 @@ def head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple
     Only the sum carries gradients; the per-token losses are for logging."""
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # the matmuls below write into buffers (out=), which autocast skips
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     grad = torch.is_grad_enabled()
     need_hidden, need_weight = grad and hidden.requires_grad, grad and weight.requires_grad
-    total, losses = _HeadCrossEntropy.apply(hidden, weight, targets, need_hidden, need_weight)
+    with torch.autocast(device, enabled=False):
+        total, losses = _HeadCrossEntropy.apply(hidden, weight, targets, need_hidden, need_weight)
     return total, losses.view(shape)

@@ -62,3 +62,23 @@ def test_fused_head_loss_bf16(monkeypatch):
     assert per_token.dtype == torch.float32 and grad.dtype == torch.bfloat16
     assert torch.allclose(per_token, ref, atol=1e-5)
     assert torch.allclose(grad.float(), hidden.grad.float(), atol=1e-2)
+
+
+def test_fused_head_loss_follows_autocast():
+    """Under autocast the head runs in the autocast dtype, as `hidden @ weight.T` would (the chunked matmuls write
+    into buffers, which autocast alone would skip); gradients reach the fp32 leaves in fp32."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 32, generator=g, requires_grad=True)
+    weight = torch.randn(300, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, per_token = fused.head_cross_entropy(hidden, weight, targets)
+        ref = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+    total.backward()
+    grads, hidden.grad, weight.grad = (hidden.grad, weight.grad), None, None
+    ref.sum().backward()
+    fp32 = F.cross_entropy(hidden.detach() @ weight.detach().T, targets, reduction="none")
+    assert (ref - fp32).abs().max() > 1e-2  # bf16 logits are visibly not fp32 ones, so the next line means something
+    assert torch.allclose(per_token, ref, atol=1e-6)
+    assert grads[0].dtype == grads[1].dtype == torch.float32
+    assert torch.allclose(grads[0], hidden.grad, atol=2e-2) and torch.allclose(grads[1], weight.grad, atol=2e-2)
