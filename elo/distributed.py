@@ -63,9 +63,12 @@ def shard(model: nn.Module, d: Dist) -> nn.Module:
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.sharded:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """Sum of `t` over ranks, on `t`'s device (the collective runs on the process group's device: NCCL has no CPU)."""
+    if not d.sharded:
+        return t
+    on_device = t.to(d.device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.to(t.device)
 
 
 def barrier(d: Dist) -> None:
