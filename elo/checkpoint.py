@@ -10,8 +10,7 @@ import json
 import os
 import re
 import shutil
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from elo.config import ModelConfig
+from elo.files import atomic_dir
 from elo.model import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -133,27 +133,6 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", dtype:
     return model
 
 
-def _atomic_dir(out_dir: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a directory in a hidden temp sibling, then move it into place: a crash leaves no half model."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
-
-
 def copy_side_files(src: Path | None, dst: Path) -> None:
     if src is None:
         return
@@ -222,4 +201,4 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
         write_config(config, dtype, tmp)
         copy_side_files(source_dir, tmp)
 
-    return _atomic_dir(Path(out_dir), fill)
+    return atomic_dir(out_dir, fill, "model directory")

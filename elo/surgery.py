@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from elo.checkpoint import (INDEX_NAME, CheckpointReader, _atomic_dir, copy_side_files, disk_name, load_config,
+from elo.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config,
                             memory_name, resolve, write_config, write_shards)
 from elo.config import ModelConfig
+from elo.files import atomic_dir
 from elo.model import Transformer
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -141,7 +142,7 @@ def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: 
         write_config(config, dtype, tmp)
         copy_side_files(reader.directory, tmp)
 
-    return _atomic_dir(Path(out), fill)
+    return atomic_dir(out, fill, "output directory")
 
 
 def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -177,4 +178,4 @@ def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str 
         (tmp / "config.json").write_bytes((base_dir / "config.json").read_bytes())
         copy_side_files(base_dir, tmp)
 
-    return _atomic_dir(Path(out), fill)
+    return atomic_dir(out, fill, "output directory")
