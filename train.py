@@ -3,7 +3,8 @@
 `--layers all` is full fine-tuning and `--lora-rank R` LoRA, the baselines, in the same loop. Plain `python train.py`
 runs one process. See `python train.py --help`.
 """
-from elo.trainer import config_from_args, train
+from elo.cli import run_main
+from elo.pretrain import main
 
 if __name__ == "__main__":
-    train(config_from_args())
+    run_main(main)

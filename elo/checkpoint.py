@@ -92,8 +92,11 @@ class CheckpointReader:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
-    def total_bytes(self) -> int:
-        return sum((self.directory / f).stat().st_size for f in self.files())
+    def get_slice(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows start:stop of a tensor (dim 0), reading only those: how a process loads its own shard."""
+        t = self._open(name).get_slice(name)[start:stop]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
 
 def disk_name(name: str, config: ModelConfig) -> str:

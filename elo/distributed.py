@@ -36,29 +36,42 @@ def init() -> Dist:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # under torchrun, even with one process
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+    return Dist(dist.get_rank() if dist.is_initialized() else 0, world, device)
 
 
-def shard(model: nn.Module, d: Dist) -> nn.Module:
-    """FSDP2-wrap `model` (an elo Transformer, maybe with LoRA) for `d`; a no-op in a single process.
+def parallelize(model: nn.Module, d: Dist, activation_checkpointing: bool = False, compile: bool = False,
+                cpu_offload: bool = False) -> nn.Module:
+    """Per decoder layer: activation checkpointing, `torch.compile`, then FSDP2 (`fully_shard`); then the root (the
+    embedding, final norm and head, tied or not). In place, on a model still on the meta device or not.
 
-    On CUDA parameters are gathered in bf16 and gradients reduced in fp32; on CPU everything stays fp32 (bf16 is
-    emulated on CPUs without AVX512-BF16/AMX and runs ~50x slower).
+    FSDP2 applies with several processes, or with `cpu_offload` (parameters, gradients and optimizer state live in
+    CPU memory). On CUDA parameters are gathered in bf16 and gradients reduced in fp32; on CPU everything stays
+    fp32 (bf16 is emulated on CPUs without AVX512-BF16/AMX and runs ~50x slower).
     """
-    if not d.sharded:
+    for layer in model.model.layers.values():
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(layer)
+        if compile:
+            layer.compile()
+    if not (d.sharded or cpu_offload):
         return model
+    if cpu_offload and d.device.type != "cuda":
+        raise ValueError("--cpu-offload moves accelerator memory to the CPU; it needs CUDA (this run is on CPU)")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     # an explicit mesh: on a host with GPUs the default mesh goes to CUDA while gloo runs on CPU (pytorch #132471)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if d.device.type == "cuda" else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.model.layers.values():
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
     return model
 
 
@@ -77,5 +90,5 @@ def barrier(d: Dist) -> None:
 
 
 def close(d: Dist) -> None:
-    if d.sharded and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

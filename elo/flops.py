@@ -1,4 +1,4 @@
-"""Analytic training FLOPs per token, and the peak the MFU figure is measured against.
+"""Analytic training FLOPs per token (the numerator of MFU; the peak is in elo.metrics).
 
 Counted per token: 2 FLOPs per multiply-add of every matrix multiply in the forward pass (linears and causal
 attention); in the backward pass 2 more for an input gradient where something upstream trains, and 2 more for a
@@ -8,15 +8,10 @@ a frozen layer below every trained one 2 (forward only), and ELO's two layers pl
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from elo.lora import LoRALinear
-
-# dense bf16 tensor-core peak (FLOP/s) by device name
-_GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
 def _trains(m: nn.Module) -> bool:
@@ -53,19 +48,3 @@ def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
             if group[0] is attn.o_proj:
                 upstream = upstream or _trains(layer.post_attention_layernorm)
     return total + _linear(model.lm_head, upstream)
-
-
-def peak_flops(device: torch.device) -> float:
-    """bf16 tensor-core peak on a known GPU; on CPU the measured fp32 matmul rate (what this CPU can reach)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in _GPU_PEAK.items():
-            if key in name:
-                return value
-        return float("nan")
-    a = torch.randn(1024, 1024)
-    a @ a  # warm up
-    t = time.perf_counter()
-    for _ in range(8):
-        a @ a
-    return 8 * 2 * 1024**3 / (time.perf_counter() - t)

@@ -13,7 +13,8 @@ import torch
 
 import elo
 from elo.checkpoint import CheckpointReader
-from elo.trainer import TrainConfig, config_from_args, lr_at, train
+from elo.pretrain import TrainConfig, config_from_args, train
+from elo.trainer import lr_at
 from tests.conftest import DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,14 +79,13 @@ def test_two_processes_match_one_and_only_chosen_layers_change(run_env, tmp_path
 
 KILLER = """
 import os, signal, sys
-import elo.trainer as t
-original = t.save_checkpoint
+import elo.pretrain, elo.run_dir as r
+original = r.RunDir.save
 def save_then_die(*args, **kwargs):
     path = original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-t.save_checkpoint = save_then_die
-sys.argv = ["train.py"] + sys.argv[1:]
-t.train(t.config_from_args())
+r.RunDir.save = save_then_die
+elo.pretrain.main(sys.argv[1:])
 """
 
 
@@ -117,7 +117,7 @@ def test_crash_during_checkpoint_write_is_not_resumed(run_env, tmp_path):
                             "    if args[1] == 4:\n"
                             "        dcp.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
                             "    path = original(*args, **kwargs)\n    if args[1] == 4: return path")
-    killer = killer.replace("    os.kill(os.getpid(), signal.SIGKILL)\nt.save_checkpoint", "    return path\nt.save_checkpoint")
+    killer = killer.replace("    os.kill(os.getpid(), signal.SIGKILL)\nr.RunDir.save", "    return path\nr.RunDir.save")
     cmd = args(run_env, out, "--batch-size", "2", "--save-every", "2")
     died = subprocess.run([sys.executable, "-c", killer, *cmd], env=env, cwd=REPO, capture_output=True, timeout=600)
     assert died.returncode == -9
@@ -144,7 +144,7 @@ def test_baselines_train_and_save_full_models(run_env, tmp_path, monkeypatch, mo
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(data={}, out="x", lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    cfg = TrainConfig(out="x", lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
 
@@ -162,8 +162,8 @@ def test_bad_arguments(run_env, tmp_path, monkeypatch):
     train(config_from_args(args(run_env, tmp_path / "d", "--max-steps", "1")))
     with pytest.raises(ValueError, match="different arguments.*lr=0.01"):
         train(config_from_args(args(run_env, tmp_path / "d", "--max-steps", "1", "--lr", "1e-2", "--resume")))
-    with pytest.raises(SystemExit):
-        config_from_args(args(run_env, tmp_path / "e", "--seq-len", "0"))
+    with pytest.raises(ValueError, match="--seq-len 0: expected a positive integer"):
+        train(config_from_args(args(run_env, tmp_path / "e", "--seq-len", "0")))
 
 
 @pytest.mark.slow

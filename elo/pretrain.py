@@ -1,0 +1,171 @@
+"""Stage 1, ELO pretraining (`train.py`), and the full fine-tuning and LoRA baselines, on the shared loop.
+
+The model part: the ELO submodel (`--layers 1,32`), the whole model (`--layers all`) or LoRA (`--lora-rank R`).
+The batch source: text windows of each language in a fixed mix (elo.data). Output: `--out/model`, for ELO the
+2-layer submodel whose config records its base (ready for align.py or elo.splice_checkpoint), else a full HF model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elo import distributed
+from elo.builders import ModelSpec, add_lora_spec, elo_spec, export, full_spec, materialize
+from elo.checkpoint import load_config, resolve
+from elo.cli import add_dataclass_options
+from elo.data import build_dataset, parse_data, parse_mix
+from elo.default_model import DEFAULT_MODEL
+from elo.files import atomic_write_text
+from elo.flops import train_flops_per_token
+from elo.run_dir import RunDir
+from elo.trainer import LoopConfig, _help, train_loop
+
+
+def _data_specs(specs: list[str]) -> dict[str, list[str]]:
+    """Repeated `--data LANG=PATH` -> {lang: [absolute paths]}; a repeated language adds files."""
+    return {lang: [str(p.resolve()) for p in paths] for lang, paths in parse_data(specs).items()}
+
+
+@dataclass(kw_only=True)
+class TextDataConfig:
+    """Pretraining text: files per language and their mix (train.py and align.py)."""
+    data: dict[str, list[str]] = field(default_factory=dict, metadata=_help(
+        "text for a language (JSONL or .txt); repeat for more languages or files", repeat=True,
+        metavar="LANG=PATH", parse=_data_specs, required=True))
+    mix: str | None = field(default=None, metadata=_help("token proportions, e.g. en:1,ko:9 (default 1:9 English:"
+                                                         "target for English + one language)"))
+    text_field: str = field(default="text", metadata=_help("JSONL field holding the text", flag="--field"))
+    val_tokens: int | None = field(default=None, metadata=_help("held-out tokens per language (default: 1%%, at "
+                                                                "most 64 sequences)"))
+    cache_dir: str | None = field(default=None, metadata=_help("token cache directory (default ~/.cache/elo/data)"))
+
+    def validate_data(self, seq_len: int) -> None:
+        if not self.data:
+            raise ValueError("no --data given; expected LANG=PATH, e.g. --data ko=ko.jsonl")
+        for lang, files in self.data.items():
+            for f in files:
+                if not Path(f).is_file():
+                    raise FileNotFoundError(f"--data {lang}={f}: "
+                                            + ("is a directory; expected a .jsonl or .txt file" if Path(f).is_dir()
+                                               else "file not found"))
+        if self.mix:
+            parse_mix(self.mix)
+        if self.val_tokens is not None and self.val_tokens < seq_len + 1:
+            raise ValueError(f"--val-tokens {self.val_tokens}: expected at least one held-out sequence "
+                             f"(--seq-len + 1 = {seq_len + 1} tokens)")
+
+    def build_source(self, tokenizer, seq_len: int, seed: int, d: distributed.Dist):
+        return build_dataset(self.data, tokenizer, seq_len, parse_mix(self.mix) if self.mix else None, seed,
+                             d.rank, d.world_size, cache_dir=self.cache_dir, field=self.text_field,
+                             val_tokens=self.val_tokens)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(LoopConfig, TextDataConfig):
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("HF model directory, hub id, or the offline default"))
+    layers: str = field(default="1,-1", metadata=_help("1-based decoder layers to detach and train (ELO), e.g. "
+                                                       "1,32; 'all': full fine-tuning"))
+    lora_rank: int = field(default=0, metadata=_help("train LoRA adapters of this rank on the whole model instead"))
+    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default 2 * rank)"))
+    train_embeddings: bool = field(default=False, metadata=_help("ELO: also train embedding, final norm and head"))
+
+    @property
+    def mode(self) -> str:
+        if self.lora_rank > 0:
+            return "lora"
+        return "full" if self.layers == "all" else "elo"
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_data(self.seq_len)
+        self.model = normalize_model(self.model)
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank {self.lora_rank}: expected 0 (off) or a positive integer")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha {self.lora_alpha}: expected a positive number")
+        if self.mode == "lora" and self.layers not in ("all", "1,-1"):
+            raise ValueError(f"--lora-rank trains adapters on every layer; drop --layers {self.layers} or use 'all'")
+
+    def model_spec(self) -> ModelSpec:
+        """The model part: cheap to build (reads the config and two small tensors), so errors come early."""
+        if self.mode == "elo":
+            if self.layers == "all":
+                raise ValueError("--layers all is full fine-tuning")
+            return elo_spec(self.model, self.layers, self.train_embeddings)
+        spec = full_spec(self.model)
+        if self.mode == "lora":
+            spec = add_lora_spec(spec, self.lora_rank, self.lora_alpha or 2 * self.lora_rank, self.seed)
+        return spec
+
+
+def normalize_model(model: str) -> str:
+    """A local model directory as an absolute path (so a run compares equal however it was spelled); else as is."""
+    return str(Path(model).resolve()) if Path(model).expanduser().is_dir() else model
+
+
+def check_context(seq_len: int, model: str) -> None:
+    limit = load_config(resolve(model)).max_position_embeddings
+    if seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens")
+
+
+def parse_config(cls, argv: list[str] | None, description: str):
+    """A stage config from the command line: one option per dataclass field."""
+    import dataclasses
+
+    p = argparse.ArgumentParser(description=description)
+    add_dataclass_options(p, cls)
+    a = vars(p.parse_args(argv))
+    a.pop("debug")
+    for f in dataclasses.fields(cls):
+        if "parse" in f.metadata and f.name in a:
+            a[f.name] = f.metadata["parse"](a[f.name])
+    return cls(**a)
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    return parse_config(TrainConfig, argv, "ELO pretraining (and the full fine-tuning / LoRA baselines).")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) pretraining; returns the directory of the trained model."""
+    from elo.tokenizer import load_tokenizer
+
+    cfg.validate()
+    run = RunDir(cfg.out)
+    run.check(cfg.record(), cfg.resume, LoopConfig.VOLATILE)
+    if cfg.resume and run.finished:
+        print(f"{run.out} holds a finished run (its model is in {run.model}); nothing to do", flush=True)
+        return run.model
+    check_context(cfg.seq_len, cfg.model)
+    spec = cfg.model_spec()
+    tokenizer = load_tokenizer(cfg.model)
+    d = distributed.init()
+    try:
+        source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)
+        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile)
+        flops = train_flops_per_token(model, cfg.seq_len)
+        if d.main:
+            run.start(cfg.record())
+        stats = train_loop(cfg, model, source, d, run, flops, cfg.mode)
+        scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.mode == "lora" else None
+        data_state = source.state_dict()
+
+        def provenance(tmp: Path) -> None:
+            atomic_write_text(tmp / "elo_run.json", json.dumps({
+                "stage": "pretrain", "mode": cfg.mode, "model": cfg.model, "layers": cfg.layers,
+                "data": cfg.data, "tokens": stats["tokens"], "steps": stats["steps"], "data_state": data_state,
+                "seconds": round(stats["seconds"], 1)}, indent=2) + "\n")
+
+        export(model, run.model, d, scale, provenance)
+        if d.main:
+            print(f"saved {cfg.mode} model to {run.model}", flush=True)
+        return run.model
+    finally:
+        distributed.close(d)
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(config_from_args(argv))
