@@ -7,20 +7,17 @@ The batch source: text windows of each language in a fixed mix (elo.data). Outpu
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from elo import distributed
-from elo.builders import ModelSpec, add_lora_spec, elo_spec, export, full_spec, materialize
+from elo.builders import ModelSpec, add_lora_spec, elo_spec, full_spec
 from elo.checkpoint import load_config, resolve
 from elo.cli import add_dataclass_options
 from elo.data import build_dataset, parse_data, parse_mix
 from elo.default_model import DEFAULT_MODEL
-from elo.files import atomic_write_text
-from elo.flops import train_flops_per_token
 from elo.run_dir import RunDir
-from elo.trainer import LoopConfig, _help, train_loop
+from elo.trainer import LoopConfig, _help, check_run_dir, run_stage
 
 
 def _data_specs(specs: list[str]) -> dict[str, list[str]]:
@@ -134,37 +131,17 @@ def train(cfg: TrainConfig) -> Path:
     from elo.tokenizer import load_tokenizer
 
     cfg.validate()
-    run = RunDir(cfg.out)
-    run.check(cfg.record(), cfg.resume, LoopConfig.VOLATILE)
-    if cfg.resume and run.finished:
-        print(f"{run.out} holds a finished run (its model is in {run.model}); nothing to do", flush=True)
-        return run.model
+    run = check_run_dir(cfg)
+    if run is None:
+        return RunDir(cfg.out).model
     check_context(cfg.seq_len, cfg.model)
     spec = cfg.model_spec()
     tokenizer = load_tokenizer(cfg.model)
-    d = distributed.init()
-    try:
-        source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)
-        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile)
-        flops = train_flops_per_token(model, cfg.seq_len)
-        if d.main:
-            run.start(cfg.record())
-        stats = train_loop(cfg, model, source, d, run, flops, cfg.mode)
-        scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.mode == "lora" else None
-        data_state = source.state_dict()
-
-        def provenance(tmp: Path) -> None:
-            atomic_write_text(tmp / "elo_run.json", json.dumps({
-                "stage": "pretrain", "mode": cfg.mode, "model": cfg.model, "layers": cfg.layers,
-                "data": cfg.data, "tokens": stats["tokens"], "steps": stats["steps"], "data_state": data_state,
-                "seconds": round(stats["seconds"], 1)}, indent=2) + "\n")
-
-        export(model, run.model, d, scale, provenance)
-        if d.main:
-            print(f"saved {cfg.mode} model to {run.model}", flush=True)
-        return run.model
-    finally:
-        distributed.close(d)
+    scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.mode == "lora" else None
+    provenance = {"stage": "pretrain", "mode": cfg.mode, "model": cfg.model, "layers": cfg.layers, "data": cfg.data,
+                  "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens}
+    return run_stage(cfg, spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], cfg.mode,
+                     provenance, lora_scale=scale)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -261,3 +262,50 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
                               f"command plus --resume", file=sys.stderr, flush=True)
                     raise SystemExit(130)
     return {"steps": step, "tokens": tokens, "seconds": timer.elapsed()}
+
+
+def run_stage(cfg: LoopConfig, spec, build_source, label: str, provenance: dict,
+              before_training=None, lora_scale: float | None = None) -> Path:
+    """Everything a stage does once its options are checked: join the process group, build the batch source
+    (`build_source(d)`) and the model (`spec`, sharded), train, and export the model with a provenance record
+    (`elo_run.json`: `provenance` plus tokens, steps, seconds and the data position).
+    `before_training(model, source, d)` may adjust the source and returns extra fields for the step-0 record."""
+    import json
+
+    from elo.builders import export, materialize
+    from elo.files import atomic_write_text
+    from elo.flops import train_flops_per_token
+
+    run = RunDir(cfg.out)
+    d = distributed.init()
+    try:
+        source = build_source(d)
+        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, getattr(cfg, "cpu_offload", False))
+        flops = train_flops_per_token(model, cfg.seq_len)
+        fresh = not (cfg.resume and run.complete_checkpoints())
+        extra = before_training(model, source, d, fresh) if before_training else None
+        if d.main:
+            run.start(cfg.record())
+        stats = train_loop(cfg, model, source, d, run, flops, label, extra)
+        record = provenance | {"tokens": stats["tokens"], "steps": stats["steps"],
+                               "seconds": round(stats["seconds"], 1), "data_state": source.state_dict()}
+
+        def write_provenance(tmp):
+            atomic_write_text(tmp / "elo_run.json", json.dumps(record, indent=2) + "\n")
+
+        export(model, run.model, d, lora_scale, write_provenance)
+        if d.main:
+            print(f"saved {label} model to {run.model}", flush=True)
+        return run.model
+    finally:
+        distributed.close(d)
+
+
+def check_run_dir(cfg: LoopConfig) -> RunDir | None:
+    """Check `--out` against this run before any work; None when `--resume` finds the run already finished."""
+    run = RunDir(cfg.out)
+    run.check(cfg.record(), cfg.resume, cfg.VOLATILE)
+    if cfg.resume and run.finished:
+        print(f"{run.out} holds a finished run (its model is in {run.model}); nothing to do", flush=True)
+        return None
+    return run

@@ -1,0 +1,183 @@
+"""Stage 2, layer replacement and alignment (`align.py`): splice the trained ELO layers into the base while loading,
+then fine-tune the whole model briefly on fresh bilingual text, on the shared loop.
+
+Without alignment, layers 1 and n, trained to feed each other directly, sit around middle layers that never saw
+their new outputs; the paper (Fig. 2) spends 1 GB of alignment after 9 GB of ELO, so the default budget here is 1/9
+of the ELO run's tokens. When `--elo` is a train.py run directory over the same data, seed and split, alignment
+continues that run's data stream where it stopped, so no ELO sequence is seen again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elo.builders import add_lora_spec, full_spec, materialize, spliced_spec, train_only_layers
+from elo.checkpoint import load_config
+from elo.pretrain import TextDataConfig, check_context, normalize_model, parse_config
+from elo.trainer import LoopConfig, _help, check_run_dir, run_stage, validation_loss
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbB]?)\s*$")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
+@dataclass(kw_only=True)
+class AlignConfig(LoopConfig, TextDataConfig):
+    elo: str = field(metadata=_help("a train.py ELO run directory, or an ELO submodel directory"))
+    base: str | None = field(default=None, metadata=_help("the base model (default: the one the submodel records)"))
+    tokens: str | None = field(default=None, metadata=_help(
+        "alignment budget: a count (300M, 2.5e6) or a percentage of the ELO run's tokens (11%%); default 1/9 of "
+        "them, the paper's 1 GB after 9 GB"))
+    max_steps: int = field(default=0, metadata=_help("optimizer steps instead of --tokens"))
+    warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
+    lr: float = field(default=2e-5, metadata=_help("peak learning rate"))
+    train_layers: str | None = field(default=None, metadata=_help(
+        "train only these 1-based decoder layers (all still compute), e.g. 1,2,29,30; default: the whole model"))
+    lora_rank: int = field(default=0, metadata=_help("align with LoRA adapters of this rank instead"))
+    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default 2 * rank)"))
+    cpu_offload: bool = field(default=False, metadata=_help("FSDP2 CPU offload of parameters, gradients, optimizer"))
+    save_spliced: bool = field(default=False, metadata=_help("also write the spliced model, before alignment, to "
+                                                             "--out/spliced (streamed)"))
+
+
+@dataclass(frozen=True)
+class EloInput:
+    submodel: Path  # the submodel directory
+    run: dict | None  # the ELO run's provenance (elo_run.json), when --elo is a run directory
+
+
+def find_submodel(path: str) -> EloInput:
+    """`--elo`: a train.py run directory (its model/) or a submodel directory; one-line errors otherwise."""
+    p = Path(path)
+    sub = p / "model" if (p / "model" / "config.json").is_file() else p
+    if not (sub / "config.json").is_file():
+        raise ValueError(f"--elo {path} holds no ELO submodel: expected a train.py run directory (with model/) "
+                         f"or a submodel directory (config.json with an 'elo' record)")
+    config = load_config(sub)
+    if config.elo is None:
+        raise ValueError(f"--elo {path}: {sub / 'config.json'} has no 'elo' record; it is not an ELO submodel "
+                         f"(was the run trained with --layers all or --lora-rank?)")
+    record = sub / "elo_run.json"
+    run = json.loads(record.read_text()) if sub != p and record.is_file() else None
+    return EloInput(sub, run)
+
+
+def parse_tokens(spec: str, elo_tokens: int | None) -> int:
+    """`300M`, `2.5e6`, `40000` or `11%` (of the ELO run's tokens) -> a positive token count."""
+    spec = spec.strip()
+    if spec.endswith("%"):
+        try:
+            pct = float(spec[:-1])
+        except ValueError:
+            raise ValueError(f"--tokens {spec!r}: expected a count (300M, 2.5e6) or a percentage (11%)") from None
+        if elo_tokens is None:
+            raise ValueError(f"--tokens {spec}: a percentage needs --elo to be a train.py run directory (its "
+                             f"trained tokens are the 100%)")
+        count = elo_tokens * pct / 100
+    else:
+        m = _COUNT.match(spec)
+        if not m:
+            raise ValueError(f"--tokens {spec!r}: expected a count (300M, 2.5e6, 40000) or a percentage (11%)")
+        count = float(m[1]) * _UNITS[m[2].lower()]
+    if not (math.isfinite(count) and count >= 1):
+        raise ValueError(f"--tokens {spec}: expected a positive budget (at least one token)")
+    return int(count)
+
+
+def plan(cfg: AlignConfig) -> tuple[EloInput, int | None]:
+    """Check every input and settle the step count (cheap: configs and two small tensors); returns the ELO input
+    and the token budget (None when --max-steps gave the steps)."""
+    elo = find_submodel(cfg.elo)
+    recorded = load_config(elo.submodel).elo["base"]
+    cfg.base = normalize_model(cfg.base or recorded or "")
+    if not cfg.base:
+        raise ValueError(f"the submodel in {elo.submodel} records no base model; pass --base")
+    if cfg.tokens is not None and cfg.max_steps:
+        raise ValueError("give either --tokens or --max-steps, not both")
+    budget = None
+    if not cfg.max_steps:
+        elo_tokens = elo.run["tokens"] if elo.run else None
+        if cfg.tokens is None and elo_tokens is None:
+            raise ValueError(f"--elo {cfg.elo} is a submodel directory, not a run directory: give the alignment "
+                             f"budget with --tokens or --max-steps")
+        budget = parse_tokens(cfg.tokens, elo_tokens) if cfg.tokens is not None else max(1, elo_tokens // 9)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+        cfg.max_steps = max(1, math.ceil(budget / per_step))
+    return elo, budget
+
+
+def continues_elo_stream(cfg: AlignConfig, run: dict | None) -> bool:
+    """Whether alignment draws from the same stream as the ELO run (so it can start where that run stopped)."""
+    if run is None:
+        return False
+    same = {"data": cfg.data, "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens}
+    return all(run.get(k) == v for k, v in same.items())
+
+
+def align(cfg: AlignConfig) -> Path:
+    """Run (or resume) alignment; returns the directory of the aligned full model."""
+    from elo.tokenizer import load_tokenizer
+
+    elo, budget = plan(cfg)
+    cfg.validate()
+    cfg.validate_data(cfg.seq_len)
+    run = check_run_dir(cfg)
+    if run is None:
+        return Path(cfg.out) / "model"
+    check_context(cfg.seq_len, cfg.base)
+    spec = spliced_spec(cfg.base, elo.submodel)
+    if cfg.train_layers:
+        spec = train_only_layers(spec, cfg.train_layers)
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank {cfg.lora_rank}: expected 0 (off) or a positive integer")
+    if cfg.lora_rank:
+        if cfg.train_layers:
+            raise ValueError("--lora-rank and --train-layers are alternatives; give one")
+        spec = add_lora_spec(spec, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.seed)
+    tokenizer = load_tokenizer(cfg.base)
+    continuing = continues_elo_stream(cfg, elo.run)
+    steps = cfg.max_steps
+
+    def before_training(model, source, d, fresh: bool) -> dict:
+        if d.main:
+            how = (f"continuing the ELO run's data stream at sequence {elo.run['data_state']['position']:,} "
+                   f"(no ELO sequence is seen again)" if continuing else
+                   f"drawing its own stream with seed {cfg.seed} (the data, seed or split differ from the ELO run)")
+            print(f"align: {steps} steps" + (f" for a budget of {budget:,} tokens" if budget else "")
+                  + f"; {how}", flush=True)
+        if continuing:
+            source.load_state_dict(elo.run["data_state"])
+        if not fresh:
+            return {}
+        if cfg.save_spliced and d.main:
+            from elo.surgery import splice_checkpoint
+
+            splice_checkpoint(cfg.base, elo.submodel, Path(cfg.out) / "spliced")
+        base = materialize(full_spec(cfg.base), d)
+        base_loss = validation_loss(base, source, cfg.batch_size, cfg.eval_batches, d.device, "base_val_loss")
+        del base
+        return base_loss
+
+    provenance = {"stage": "align", "base": cfg.base, "elo_submodel": str(elo.submodel.resolve()),
+                  "elo_layers": load_config(elo.submodel).elo["layers"], "data": cfg.data, "seed": cfg.seed,
+                  "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens,
+                  "continued_elo_stream": continuing, "train_layers": cfg.train_layers, "lora_rank": cfg.lora_rank,
+                  "data_digests": _digests(cfg.data)}
+    scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.lora_rank else None
+    return run_stage(cfg, spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], "align",
+                     provenance, before_training, scale)
+
+
+def _digests(data: dict[str, list[str]]) -> dict[str, str]:
+    from elo.files import sha256_file
+
+    return {f: sha256_file(f) for files in data.values() for f in files}
+
+
+def main(argv: list[str] | None = None) -> None:
+    align(parse_config(AlignConfig, argv, "ELO stage 2: splice the trained layers into the base and align the "
+                                          "whole model on fresh bilingual text."))
