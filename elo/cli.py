@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-USER_ERRORS = (ValueError, OSError, KeyError)
+USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 
 
 def debug_enabled(argv: list[str] | None = None) -> bool:
@@ -43,6 +43,13 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
             message = f"{e.filename}: {message}"
         fail(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (`error: ...`, exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def _base_type(tp: Any) -> Any:

@@ -35,7 +35,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -79,7 +79,7 @@ def atomic_dir(out: str | os.PathLike, fill: Callable[[Path], None], what: str =
     try:
         fill(tmp)
         (tmp / MARKER).write_text("written by elo; this directory may be replaced by a later elo write\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)

@@ -6,14 +6,13 @@ The batch source: text windows of each language in a fixed mix (elo.data). Outpu
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from elo import distributed
 from elo.builders import ModelSpec, add_lora_spec, elo_spec, full_spec
 from elo.checkpoint import load_config, resolve
-from elo.cli import add_dataclass_options
+from elo.cli import ArgumentParser, add_dataclass_options
 from elo.data import build_dataset, parse_data, parse_mix
 from elo.default_model import DEFAULT_MODEL
 from elo.run_dir import RunDir
@@ -112,7 +111,7 @@ def parse_config(cls, argv: list[str] | None, description: str):
     """A stage config from the command line: one option per dataclass field."""
     import dataclasses
 
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     add_dataclass_options(p, cls)
     a = vars(p.parse_args(argv))
     a.pop("debug")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from elo import distributed
-from elo.files import MARKER, atomic_write_text, fsync_dir
+from elo.files import MARKER, atomic_write_text, fsync_dir, fsync_tree
 
 CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -132,8 +132,11 @@ class RunDir:
         except (OSError, RuntimeError) as e:
             free = shutil.disk_usage(self.checkpoints).free / 1e9
             raise OSError(f"writing checkpoint {final} failed ({e}); {free:.2f} GB free on its filesystem") from e
+        fsync_tree(tmp)
         distributed.barrier(d)
         if d.main:
+            if final.exists():  # a damaged one that resuming fell back past
+                shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.checkpoints)
             if keep > 0:
@@ -144,10 +147,14 @@ class RunDir:
 
     def load_latest(self, model: nn.Module, optimizer, source, d: distributed.Dist) -> dict | None:
         """Restore the newest complete checkpoint that loads, warning about damaged newer ones; None if none."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
         for path in reversed(self.complete_checkpoints()):
             try:
                 return self._load(path, model, optimizer, source, d)
-            except (OSError, RuntimeError, KeyError, json.JSONDecodeError, EOFError) as e:
+            except ValueError:  # a mismatch with this run, not damage
+                raise
+            except (Exception, CheckpointException) as e:  # what a truncated or corrupt file raises
                 warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); trying the one before")
         return None
 

@@ -185,6 +185,7 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
         elif d.main:
             print(f"--resume: no complete checkpoint in {run.checkpoints}; starting from step 0", flush=True)
     if d.main:
+        run.clean_temps()
         run.truncate_metrics(step)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())

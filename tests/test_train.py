@@ -201,3 +201,160 @@ def test_layer_wrappers_give_the_same_losses(run_env, tmp_path, monkeypatch, fla
     train(config_from_args(args(run_env, tmp_path / "wrapped", "--max-steps", str(steps), flag)))
     plain, wrapped = losses(tmp_path / "plain"), losses(tmp_path / "wrapped")
     assert plain.keys() == wrapped.keys() and all(abs(plain[s] - wrapped[s]) <= tol for s in plain)
+
+
+# ---- hardening: interruptions, damaged state, bad values (issue 9) ----
+
+DIE_AT = """
+import os, signal, sys
+import elo.pretrain, elo.run_dir as r
+import torch.distributed.checkpoint as dcp
+point, at = sys.argv[1], int(sys.argv[2])
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "log":  # during training: right after step `at` is logged
+    log = r.RunDir.log
+    def log_then_die(self, record):
+        log(self, record)
+        if record["step"] == at and "loss" in record:
+            die()
+    r.RunDir.log = log_then_die
+else:  # inside the checkpoint write of step `at`
+    save, dcp_save = r.RunDir.save, dcp.save
+    def save_and_die(self, step, *a, **k):
+        if step == at:
+            dcp.save = lambda *x, **y: die()
+        return save(self, step, *a, **k)
+    r.RunDir.save = save_and_die
+elo.pretrain.main(sys.argv[3:])
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run([sys.executable, "train.py", *args(run_env, out, "--batch-size", "2", "--save-every", "2")], run_env[2])
+    return out
+
+
+@pytest.mark.parametrize("point, at", [("log", 1), ("log", 3), ("checkpoint", 2), ("checkpoint", 4)])
+def test_sigkill_anywhere_then_resume_logs_each_step_once_and_matches(run_env, uninterrupted, tmp_path, point, at):
+    _, _, env = run_env
+    out = tmp_path / "run"
+    cmd = args(run_env, out, "--batch-size", "2", "--save-every", "2")
+    died = subprocess.run([sys.executable, "-c", DIE_AT, point, str(at), *cmd], env=env, cwd=REPO,
+                          capture_output=True, timeout=600)
+    assert died.returncode == -9, died.stderr[-2000:]
+    run([sys.executable, "train.py", *cmd, "--resume"], env)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5, 6], steps
+    a, b = losses(uninterrupted), losses(out)
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
+    ra, rb = CheckpointReader(uninterrupted / "model"), CheckpointReader(out / "model")
+    assert all(torch.allclose(ra.get(n), rb.get(n), atol=1e-5, rtol=0) for n in ra.keys())
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(run_env, tmp_path):
+    import signal
+    import time
+
+    _, _, env = run_env
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *args(run_env, out, "--batch-size", "2", "--max-steps", "400")]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err.strip().splitlines()[-1]
+    (ckpt,) = (out / "checkpoints").iterdir()
+    stopped = int(ckpt.name.split("_")[1])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == stopped and stopped < 400
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_prunes(run_env, uninterrupted, tmp_path):
+    _, _, env = run_env
+    out = tmp_path / "run"
+    cmd = args(run_env, out, "--batch-size", "2", "--save-every", "1", "--keep-checkpoints", "2")
+    died = subprocess.run([sys.executable, "-c", DIE_AT, "log", "5", *cmd], env=env, cwd=REPO,
+                          capture_output=True, timeout=600)
+    assert died.returncode == -9
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]  # pruned
+    for f in (out / "checkpoints" / "step_00000004").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])  # damaged
+    resumed = run([sys.executable, "train.py", *cmd, "--resume"], env)
+    assert "damaged" in resumed.stderr and "step_00000003 at step 3" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+    a, b = losses(uninterrupted), losses(out)
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
+
+
+def test_resume_of_a_finished_run_does_nothing(run_env, uninterrupted):
+    _, _, env = run_env
+    before = (uninterrupted / "metrics.jsonl").read_text()
+    result = run([sys.executable, "train.py", *args(run_env, uninterrupted, "--batch-size", "2", "--save-every", "2"),
+                  "--resume"], env)
+    assert "nothing to do" in result.stdout and (uninterrupted / "metrics.jsonl").read_text() == before
+
+
+def test_nan_weight_stops_the_run_naming_the_step(run_env, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from elo.cli import run_main
+    from elo.pretrain import main
+
+    root, _, env = run_env
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "model", broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setenv("ELO_CACHE", env["ELO_CACHE"])
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, args(run_env, out, "--model", str(broken)))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "step 1: loss nan" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "model").exists()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+
+
+def test_grad_clip_zero_means_no_clipping(run_env, tmp_path, monkeypatch):
+    root, _, env = run_env
+    monkeypatch.setenv("ELO_CACHE", env["ELO_CACHE"])
+    out = tmp_path / "run"
+    train(config_from_args(args(run_env, out, "--grad-clip", "0", "--max-steps", "2", "--layers", "1,4")))
+    base, sub = CheckpointReader(root / "model"), CheckpointReader(out / "model")
+    assert not torch.equal(sub.get("model.layers.0.mlp.up_proj.weight"), base.get("model.layers.0.mlp.up_proj.weight"))
+    assert all(r["grad_norm"] > 0 for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "grad_norm" in r)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--seq-len", "0"), ("--seq-len", "100000"), ("--batch-size", "0"), ("--grad-accum", "-1"),
+    ("--max-steps", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--min-lr-ratio", "5"), ("--warmup-steps", "-3"),
+    ("--weight-decay", "-0.1"), ("--grad-clip", "-1"), ("--save-every", "-1"), ("--keep-checkpoints", "-1"),
+    ("--eval-every", "-2"), ("--eval-batches", "0"), ("--val-tokens", "0"), ("--seed", "-1"),
+    ("--lora-rank", "-4"), ("--lora-alpha", "0"), ("--layers", "1,99"), ("--layers", "x"), ("--mix", "en:1,ja:9"),
+    ("--mix", "en:-1,ko:9"), ("--data", "ko"), ("--data", "ko=/nonexistent.jsonl"), ("--model", "/nonexistent"),
+    ("--max-steps", "three"),
+])
+def test_bad_option_values_are_one_line_errors_leaving_nothing(run_env, tmp_path, monkeypatch, capsys, option, value):
+    from elo.cli import run_main
+    from elo.pretrain import main
+
+    monkeypatch.setenv("ELO_CACHE", run_env[2]["ELO_CACHE"])
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, args(run_env, out, option, value))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    named = option.lstrip("-").split("-")[0]
+    assert option in err or named in err or value in err, err
+    assert "Traceback" not in err and not out.exists()
