@@ -193,6 +193,9 @@ def check_reachable(judge_url: str, timeout_s: float = 10.0) -> None:
     parts = urllib.parse.urlsplit(endpoint(judge_url))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"--judge-url {judge_url!r}: expected an http(s) URL such as http://localhost:8000/v1")
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):  # urllib will connect to the proxy, not the judge
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout_s).close()

@@ -299,6 +299,18 @@ def test_check_reachable(judge):
         check_reachable("localhost:8000")
 
 
+def test_check_reachable_goes_through_the_proxy_urllib_uses(judge, monkeypatch):
+    from elo.judge import check_reachable
+
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", judge.url)  # a judge host with no direct route, reached through a live proxy
+    check_reachable("http://judge.invalid:9/v1")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(ValueError, match="unreachable"):
+        check_reachable(judge.url)
+
+
 @needs_data
 @pytest.mark.filterwarnings("ignore:prompt of:UserWarning")
 def test_evaluate_generation_without_judge_and_with_a_failing_one(judge, tiny_with_tokenizer, tmp_path, capsys):
