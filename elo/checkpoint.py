@@ -52,7 +52,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         except Exception as e:  # offline, unknown or gated repo, hub down: hub errors are many-line and many-typed
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FileNotFoundError(f"model {name!r} is not a local directory and the Hugging Face hub could not "
-                                    f"provide it ({type(e).__name__}: {reason})") from None
+                                    f"provide it ({type(e).__name__}: {reason})") from e
     raise FileNotFoundError(f"model {name!r} is neither a local directory, a hub id (org/name) nor {DEFAULT_MODEL!r}")
 
 

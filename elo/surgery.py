@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -36,9 +37,10 @@ def parse_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
             layers = [int(s) for s in layers.split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"layers {layers!r} must be comma-separated integers such as '1,{num_layers}'") from None
-    if not isinstance(layers, Sequence) or any(isinstance(n, bool) or not isinstance(n, int) for n in layers):
+    if not isinstance(layers, Sequence) or any(isinstance(n, bool) or not isinstance(n, Integral) for n in layers):
         raise ValueError(f"layers {layers!r}: expected a list of 1-based layer numbers (ints) such as "
                          f"[1, {num_layers}], or a string such as '1,{num_layers}'")
+    layers = [int(n) for n in layers]
     if not layers:
         raise ValueError("no layers given; expected 1-based layer numbers such as [1, %d]" % num_layers)
     ids = []
