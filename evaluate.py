@@ -7,6 +7,9 @@ MT-Bench-style generation graded by an LLM judge; or compare result files side b
     python evaluate.py --compare a.json b.json ...
 
 Perplexity files are JSON Lines with a "text" field. Task names and their lm-eval counterparts: elo/tasks.py.
+Every option, file and --out is checked before the model loads; a bad one is a one-line `error: ...` with exit
+status 2 (`--debug` shows the traceback). The table is printed before the results file is written. Exit status 2
+also when a judge was given but graded nothing (its judgments file says why; rerunning judges only what failed).
 """
 from __future__ import annotations
 
