@@ -7,12 +7,15 @@ MT-Bench-style generation graded by an LLM judge; or compare result files side b
     python evaluate.py --compare a.json b.json ...
 
 Perplexity files are JSON Lines with a "text" field. Task names and their lm-eval counterparts: elo/tasks.py.
+Every option, file and --out is checked before the model loads; a bad one is a one-line `error: ...` with exit
+status 2 (`--debug` shows the traceback). The table is printed before the results file is written. Exit status 2
+also when a judge was given but graded nothing (its judgments file says why; rerunning judges only what failed).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ import torch
 
 import elo
 from elo import scoring, tasks
+from elo.checkpoint import load_config
+from elo.cli import fail, run_main
 from elo.files import atomic_write_text, sha256_file
 from elo.jsonl import read_jsonl
 from elo.results import compare_table, results_table
@@ -30,11 +35,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_ppl(specs: list[str]) -> dict[str, Path]:
-    out = {}
+    out: dict[str, Path] = {}
     for spec in specs:
         lang, sep, path = spec.partition("=")
         if not sep or not lang or not path:
             raise ValueError(f"--ppl {spec!r}: expected LANG=PATH, e.g. ko=../shared/data/pretrain/ko_wikipedia.jsonl")
+        if lang in out:  # one perplexity per language: a second file would silently replace the first
+            raise ValueError(f"--ppl {lang} is given twice ({out[lang]} and {path}); expected one file per language")
         if not Path(path).is_file():
             raise FileNotFoundError(f"--ppl {lang}: file {path} not found")
         out[lang] = Path(path)
@@ -46,7 +53,41 @@ def load_texts(path: Path, max_docs: int | None) -> list[str]:
     for n, record in records:
         if not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{n}: expected a string field \"text\"")
-    return [r["text"] for _, r in records]
+    texts = [r["text"] for _, r in records]
+    if not any(texts):
+        raise ValueError(f"--ppl file {path} has no text to score (no records, or only empty \"text\" fields)")
+    return texts
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every number against its range, and the output path, before anything is read or loaded."""
+    at_least = {"--max-docs": (args.max_docs, 1), "--limit": (args.limit, 1), "--seq-len": (args.seq_len, 1),
+                "--batch-tokens": (args.batch_tokens, 1), "--num-fewshot": (args.num_fewshot, 0),
+                "--max-new-tokens": (args.max_new_tokens, 1)}
+    for option, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ValueError(f"{option} {value}: expected an integer >= {low}" + (" (omit it for all)" if option in
+                                                                                  ("--max-docs", "--limit") else ""))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r}: not a device; expected e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    check_out(args.out)
+
+
+def check_out(out: Path) -> None:
+    """`--out` must be a file path elo can write: not a directory, inside a directory it may create files in."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; expected a results file path such as {out / 'results.json'}")
+    parent = next(p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+    try:  # an anonymous file, gone when closed: the one sure test of "can write here" (read-only mounts, ACLs)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
 
 
 def split_names(value: str | None) -> list[str]:
@@ -73,18 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--compare", nargs="+", type=Path, metavar="RESULTS", help="print result files side by side")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
-    try:
-        if args.compare:
-            print(compare_table(args.compare))
-            return
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    if args.compare:
+        print(compare_table(args.compare))
+        return
+    run(args)
 
 
 def run(args: argparse.Namespace) -> None:
     # check every input before loading the model
+    check_options(args)
     ppl_files = parse_ppl(args.ppl)
     groups = tasks.expand(split_names(args.tasks))
     members = list(dict.fromkeys(t for ts in groups.values() for t in ts))
@@ -100,11 +140,22 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
     if not (ppl_files or members or benches):
         raise ValueError("nothing to evaluate: give --ppl, --tasks or --generate (or --compare)")
+    context = load_config(elo.resolve(args.model)).max_position_embeddings
+    texts = {lang: load_texts(path, args.max_docs) for lang, path in ppl_files.items()}
+    if args.seq_len is not None and args.seq_len > context:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens")
+    if benches and args.max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"of {context} tokens")
+    if benches and args.judge_url:
+        from elo.judge import check_reachable
+
+        check_reachable(args.judge_url)
 
     start = time.time()
     model = elo.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     tokenizer = elo.load_tokenizer(args.model)
-    seq_len = args.seq_len or model.config.max_position_embeddings
+    seq_len = args.seq_len or context
     results: dict = {
         "model": args.model,
         "tokenizer_digest": tokenizer.digest,
@@ -118,8 +169,7 @@ def run(args: argparse.Namespace) -> None:
     }
     if ppl_files:
         results["perplexity"] = {
-            lang: scoring.perplexity(model, tokenizer, load_texts(path, args.max_docs), seq_len, args.batch_tokens)
-            for lang, path in ppl_files.items()
+            lang: scoring.perplexity(model, tokenizer, texts[lang], seq_len, args.batch_tokens) for lang in texts
         }
     if members:
         results["tasks"] = scoring.evaluate_tasks(model, tokenizer, list(groups), args.data_dir, args.num_fewshot,
@@ -138,11 +188,18 @@ def run(args: argparse.Namespace) -> None:
             if args.judge_url:
                 results["generation"][bench] = judge_answers(answers, bench, args.data_dir, args.judge_url,
                                                              args.judge_model, api_key_env=args.judge_key_env)
+            else:
+                print(f"{bench}: answers in {answers}; not graded (no --judge-url): rerun with --judge-url URL "
+                      f"--judge-model NAME to grade them", flush=True)
     results["elapsed_s"] = round(time.time() - start, 1)
+    print(results_table(results), flush=True)  # first, so that a failed write loses nothing shown
     atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=2))
-    print(results_table(results))
     print(f"\nwrote {args.out} ({results['elapsed_s']} s)")
+    ungraded = [b for b, r in results.get("generation", {}).items() if r is not None and r["n_judged"] == 0]
+    if ungraded:
+        fail(f"the judge graded nothing for {', '.join(ungraded)}: every judgment failed (see "
+             f"{results['generation'][ungraded[0]]['judgments']}); rerun the same command to judge again")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,12 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from elo.config import ModelConfig
-from elo.files import atomic_dir
+from elo.files import atomic_dir, check_output_dir
 from elo.model import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -47,8 +47,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model", "*.jinja"]
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        try:
+            return Path(snapshot_download(name, allow_patterns=patterns))
+        except Exception as e:  # offline, unknown or gated repo, hub down: hub errors are many-line and many-typed
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"model {name!r} is not a local directory and the Hugging Face hub could not "
+                                    f"provide it ({type(e).__name__}: {reason})") from e
     raise FileNotFoundError(f"model {name!r} is neither a local directory, a hub id (org/name) nor {DEFAULT_MODEL!r}")
+
+
+def open_safetensors(path: Path):
+    """`safe_open`, with an error naming the file when it is truncated or not safetensors at all."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
 
 
 class CheckpointReader:
@@ -58,9 +71,12 @@ class CheckpointReader:
         self.directory = Path(directory)
         index = self.directory / INDEX_NAME
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
         elif (self.directory / WEIGHTS_NAME).is_file():
-            with safe_open(self.directory / WEIGHTS_NAME, framework="pt") as f:
+            with open_safetensors(self.directory / WEIGHTS_NAME) as f:
                 self.weight_map = {k: WEIGHTS_NAME for k in f.keys()}
         else:
             raise FileNotFoundError(f"{self.directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
@@ -78,7 +94,7 @@ class CheckpointReader:
             raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.directory}")
         file = self.weight_map[name]
         if file not in self._files:
-            self._files[file] = safe_open(self.directory / file, framework="pt")
+            self._files[file] = open_safetensors(self.directory / file)
         return self._files[file]
 
     def get(self, name: str) -> Tensor:
@@ -190,7 +206,9 @@ def write_shards(tensors: Iterable[tuple[str, Tensor]], directory: Path, max_sha
 
 def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES,
                tokenizer_from: str | os.PathLike | None = None) -> Path:
-    """Write `model` as an HF checkpoint (config, safetensors shards, tokenizer files from its source), atomically."""
+    """Write `model` as an HF checkpoint (config, safetensors shards, tokenizer files from its source), atomically.
+    A destination that is a file, or a non-empty directory elo did not write, is refused (see elo.files)."""
+    check_output_dir(out_dir, "model directory")
     config = model.config
     state = model.state_dict()
     if config.tie_word_embeddings:

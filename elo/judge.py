@@ -21,8 +21,10 @@ import http.client
 import json
 import os
 import re
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -153,8 +155,9 @@ def endpoint(judge_url: str) -> str:
 
 def chat_completion(url: str, model: str, system: str, user: str, api_key: str | None, retries: int = 5,
                     backoff_s: float = 2.0, timeout_s: float = 300.0) -> str:
-    """The judge's reply text. Connection errors, timeouts, HTTP 429 / 5xx and malformed replies are retried with
-    exponential backoff (backoff_s, 2 backoff_s, ...); other HTTP errors (bad key, bad request) are not."""
+    """The judge's reply text. Timeouts, dropped connections, HTTP 429 / 5xx and malformed replies are retried with
+    exponential backoff (backoff_s, 2 backoff_s, ...); other HTTP errors (bad key, bad request) and a refused
+    connection (nothing listens on that port: waiting will not start a server) are not."""
     body = json.dumps({"model": model, "temperature": 0, "max_tokens": 2048,
                        "messages": [{"role": "system", "content": system},
                                     {"role": "user", "content": user}]}).encode()
@@ -176,10 +179,28 @@ def chat_completion(url: str, model: str, system: str, user: str, api_key: str |
             if e.code != 429 and e.code < 500:
                 raise JudgeError(error) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, unreachable, timed out, cut
-            error = f"{url} unreachable: {getattr(e, 'reason', e)}"
+            reason = getattr(e, "reason", e)
+            error = f"{url} unreachable: {reason}"
+            if isinstance(reason, ConnectionRefusedError):
+                raise JudgeError(error) from None
         except (ValueError, KeyError, IndexError, TypeError) as e:  # not JSON, or not a chat completion
             error = f"malformed reply: {type(e).__name__}: {e}"
     raise JudgeError(f"{error} (gave up after {retries + 1} attempts)")
+
+
+def check_reachable(judge_url: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line, before any answer is generated, when nothing accepts connections at the judge's address."""
+    parts = urllib.parse.urlsplit(endpoint(judge_url))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--judge-url {judge_url!r}: expected an http(s) URL such as http://localhost:8000/v1")
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):  # urllib will connect to the proxy, not the judge
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(f"judge at {judge_url} is unreachable ({e.strerror or e}); start it or fix --judge-url") from None
 
 
 # ---- grading ----

@@ -21,6 +21,27 @@ COLUMNS = (
 FORMATS = {"tasks": "{:.2%}", "generation": "{:.2f}", "perplexity": "{:.4f}"}
 
 
+def _check_results(run: object, path: Path) -> dict:
+    """`run` if it has the shape evaluate.py writes (sections of entries of numbers); else a one-line error."""
+    if not isinstance(run, dict) or not any(section in run for section in FORMATS):
+        raise ValueError(f"{path}: not an elo results file (expected a JSON object with a 'perplexity', 'tasks' or "
+                         f"'generation' section, as evaluate.py writes)")
+    for section in FORMATS:
+        entries = run.get(section, {})
+        if not isinstance(entries, dict):
+            raise ValueError(f"{path}: '{section}' is a {type(entries).__name__}; expected an object")
+        for entry, metrics in entries.items():
+            if metrics is None and section == "generation":  # answers generated but not judged
+                continue
+            if not isinstance(metrics, dict):
+                raise ValueError(f"{path}: '{section}.{entry}' is {metrics!r}; expected an object of metrics")
+            for metric in ("f1", "acc", "overall", "bits_per_byte"):
+                value = metrics.get(metric)
+                if not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)):
+                    raise ValueError(f"{path}: '{section}.{entry}.{metric}' is {value!r}; expected a number")
+    return run
+
+
 def results_table(results: dict) -> str:
     """One run: a row per metric (perplexity per language, task metrics, judge scores)."""
     rows = ["| benchmark | metric | value | n |", "|---|---|---|---|"]
@@ -45,13 +66,16 @@ def compare_table(paths: list[Path]) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"results file {path} not found")
         try:
-            runs.append(json.loads(path.read_text(encoding="utf-8")))
+            run = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not a results JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a results JSON (not UTF-8 text)") from None
+        runs.append(_check_results(run, path))
     langs = list(dict.fromkeys(lang for r in runs for lang in r.get("perplexity", {})))
     columns = [*COLUMNS, *[(f"{lang} bits/byte", "perplexity", lang, "bits_per_byte") for lang in langs]]
     for run in runs:  # the KoBEST average where all five tasks ran
-        if all(t in run.get("tasks", {}) for t in KOBEST):
+        if all((run.get("tasks", {}).get(t) or {}).get("f1") is not None for t in KOBEST):
             run["tasks"]["kobest_avg"] = {"f1": sum(run["tasks"][t]["f1"] for t in KOBEST) / len(KOBEST)}
     columns.insert(len(KOBEST), ("KoBEST avg F1", "tasks", "kobest_avg", "f1"))
 

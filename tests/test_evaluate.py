@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 
 import elo
 import evaluate
 from elo import scoring
+from elo.cli import run_main
 from tests.conftest import DATA
 
 EVAL = DATA / "eval"
@@ -54,6 +57,23 @@ def test_results_file_holds_the_library_scores(tiny_with_tokenizer, ppl_files, t
     assert table[3] == "| other (other.json) | 25.00 | - | - |"
 
 
+def cli(argv: list[str]) -> None:
+    """evaluate.py as the command line runs it (elo.cli.run_main around main)."""
+    run_main(evaluate.main, argv)
+
+
+def one_line_error(capsys, e) -> str:
+    """The exit was a user error: status 2 and a single `error: ...` line on stderr, no traceback."""
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    monkeypatch.setattr(elo, "load_model", lambda *a, **k: pytest.fail("the model must not load for bad input"))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ppl", "ko"], "--ppl 'ko': expected LANG=PATH"),
     (["--ppl", "ko=/nonexistent/ko.jsonl"], "--ppl ko: file /nonexistent/ko.jsonl not found"),
@@ -64,16 +84,106 @@ def test_results_file_holds_the_library_scores(tiny_with_tokenizer, ppl_files, t
     ([], "nothing to evaluate"),
     (["--compare", "/nonexistent/r.json"], "results file /nonexistent/r.json not found"),
 ])
-def test_bad_input_is_a_one_line_error(argv, message, monkeypatch):
-    monkeypatch.setattr(elo, "load_model", lambda *a, **k: pytest.fail("the model must not load for bad input"))
+def test_bad_input_is_a_one_line_error(argv, message, no_model, capsys):
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--model", "unused", *argv])
-    assert str(e.value).startswith("evaluate.py: error: ") and message in str(e.value)
-    assert "\n" not in str(e.value)
+        cli(["--model", "unused", *argv])
+    assert message in one_line_error(capsys, e)
 
 
-def test_compare_rejects_a_file_that_is_not_json(tmp_path):
+# every numeric option against its range, --device and --out: checked before any file is read or model loaded
+BAD_OPTIONS = [
+    (["--max-docs", "-1"], "--max-docs -1: expected an integer >= 1"),
+    (["--max-docs", "0"], "--max-docs 0: expected an integer >= 1"),
+    (["--limit", "-1"], "--limit -1: expected an integer >= 1"),
+    (["--seq-len", "0"], "--seq-len 0: expected an integer >= 1"),
+    (["--batch-tokens", "0"], "--batch-tokens 0: expected an integer >= 1"),
+    (["--num-fewshot", "-2"], "--num-fewshot -2: expected an integer >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1"),
+    (["--device", "gpu0"], "--device 'gpu0': not a device"),
+    (["--out", "{tmp}"], "is a directory; expected a results file path"),
+    (["--out", "{tmp}/file.txt/results.json"], "file.txt is a file, not a directory"),
+    (["--out", "/sys/results.json"], "--out /sys/results.json: cannot write in /sys"),
+]
+
+
+@pytest.mark.parametrize("option, message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_option_values(option, message, ppl_files, no_model, tmp_path, capsys):
+    _, files = ppl_files
+    (tmp_path / "file.txt").write_text("mine")
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["--model", "unused", "--ppl", f"ko={files['ko']}", "--out", str(tmp_path / "r" / "results.json")]
+    with pytest.raises(SystemExit) as e:
+        cli(argv + [a.replace("{tmp}", str(tmp_path)) for a in option])
+    err = one_line_error(capsys, e)
+    assert message.replace("{tmp}", str(tmp_path)) in err and option[0] in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, no output directory created
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-len", "65"], "--seq-len 65 exceeds the model's context of 64 tokens"),
+    (["--max-new-tokens", "64", "--generate", "mt_bench"], "--max-new-tokens 64 leaves no room"),
+    (["--ppl", "ko={en}"], "--ppl ko is given twice ({ko} and {en}); expected one file per language"),
+    (["--ppl", "en={empty}"], "--ppl file {empty} has no text to score"),
+    (["--ppl", "en={latin1}"], "{latin1}:2: not valid UTF-8"),
+])
+def test_bad_values_checked_against_the_model_and_files(argv, message, ppl_files, tiny_llama, no_model, tmp_path,
+                                                         capsys):
+    _, files = ppl_files
+    names = dict(ko=files["ko"], en=files["en"], empty=tmp_path / "empty.jsonl", latin1=tmp_path / "latin1.jsonl")
+    names["empty"].write_text("")
+    names["latin1"].write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(SystemExit) as e:
+        cli(["--model", str(tiny_llama[0]), "--ppl", f"ko={files['ko']}", "--out", str(tmp_path / "res.json"),
+             *[a.format(**names) for a in argv]])
+    assert message.format(**names) in one_line_error(capsys, e)
+    assert not (tmp_path / "res.json").exists()
+
+
+def test_command_line_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    script = [sys.executable, str(Path(evaluate.__file__)), "--ppl", f"ko={tmp_path}/nope.jsonl"]
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == f"error: --ppl ko: file {tmp_path}/nope.jsonl not found\n"
+    done = subprocess.run(script + ["--debug"], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" in done.stderr and "FileNotFoundError" in done.stderr
+
+
+def test_table_printed_before_the_write(tiny_with_tokenizer, ppl_files, tmp_path, monkeypatch, capsys):
+    """A write that fails at the end (disk full) still leaves the results on screen."""
+    _, files = ppl_files
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "atomic_write_text", disk_full)
+    with pytest.raises(SystemExit):
+        cli(["--model", str(tiny_with_tokenizer), "--ppl", f"ko={files['ko']}", "--seq-len", "16",
+             "--out", str(tmp_path / "results.json")])
+    captured = capsys.readouterr()
+    assert "| ppl ko | perplexity |" in captured.out and "No space left on device" in captured.err
+
+
+def test_compare_rejects_a_file_that_is_not_json(tmp_path, capsys):
     bad = tmp_path / "r.json"
     bad.write_text("{not json")
-    with pytest.raises(SystemExit, match=r"r.json: not a results JSON"):
-        evaluate.main(["--compare", str(bad)])
+    with pytest.raises(SystemExit) as e:
+        cli(["--compare", str(bad)])
+    assert "r.json: not a results JSON" in one_line_error(capsys, e)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"name": "a package.json"}', "not an elo results file"),
+    ('[1, 2]', "not an elo results file"),
+    ('{"model": "m", "tasks": {"kobest_copa": {"f1": "high"}}}', "'tasks.kobest_copa.f1' is 'high'; expected a number"),
+    ('{"model": "m", "tasks": [1]}', "'tasks' is a list; expected an object"),
+])
+def test_compare_rejects_a_json_that_is_not_results(content, message, tmp_path, capsys):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"model": "m", "tasks": {"kobest_copa": {"acc": 0.5, "f1": 0.5, "n": 4}}}))
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        cli(["--compare", str(good), str(bad)])
+    err = one_line_error(capsys, e)
+    assert str(bad) in err and message in err

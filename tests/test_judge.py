@@ -266,3 +266,70 @@ def test_resume_judges_only_what_failed(judge, tmp_path):
     with pytest.raises(ValueError, match="one judge per judgments file"):
         judge_answers(answers, "mt_bench", EVAL, judge.url, "judge-2", api_key_env="TEST_JUDGE_KEY",
                       out_path=Path(second["judgments"]), **FAST)
+
+
+# ---- failing fast, and evaluate.py's exit status ----
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound, never listening, then closed: connections are refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_data
+def test_refused_connection_is_not_retried(tmp_path, monkeypatch):
+    """Nothing listens on the port: waiting will not start a server, so no backoff (it used to cost 189 s)."""
+    import elo.judge
+
+    slept = []
+    monkeypatch.setattr(elo.judge.time, "sleep", slept.append)
+    answers = write_answers(tmp_path / "answers.jsonl", "mt_bench", ids=[81, 82])
+    summary = judge_answers(answers, "mt_bench", EVAL, f"http://127.0.0.1:{closed_port()}", "judge-1",
+                            api_key_env="TEST_JUDGE_KEY")  # the default retries and backoff
+    assert slept == [] and summary["n_judged"] == 0 and summary["n_failed"] == 4
+
+
+def test_check_reachable(judge):
+    from elo.judge import check_reachable
+
+    check_reachable(judge.url + "/v1")
+    with pytest.raises(ValueError, match=r"judge at http://127.0.0.1:\d+/v1 is unreachable \(Connection refused\)"):
+        check_reachable(f"http://127.0.0.1:{closed_port()}/v1")
+    with pytest.raises(ValueError, match="expected an http"):
+        check_reachable("localhost:8000")
+
+
+def test_check_reachable_goes_through_the_proxy_urllib_uses(judge, monkeypatch):
+    from elo.judge import check_reachable
+
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", judge.url)  # a judge host with no direct route, reached through a live proxy
+    check_reachable("http://judge.invalid:9/v1")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(ValueError, match="unreachable"):
+        check_reachable(judge.url)
+
+
+@needs_data
+@pytest.mark.filterwarnings("ignore:prompt of:UserWarning")
+def test_evaluate_generation_without_judge_and_with_a_failing_one(judge, tiny_with_tokenizer, tmp_path, capsys):
+    import evaluate
+    from elo.cli import run_main
+
+    out = tmp_path / "results.json"
+    argv = ["--model", str(tiny_with_tokenizer), "--generate", "logickor", "--max-new-tokens", "2", "--data-dir",
+            str(EVAL), "--out", str(out)]
+    run_main(evaluate.main, argv)  # no judge: say where the answers are and how to grade them
+    answers = tmp_path / "results.logickor.answers.jsonl"
+    assert f"logickor: answers in {answers}; not graded (no --judge-url)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["generation"] == {"logickor": None}
+
+    judge.reply = lambda body, n: (401, {"error": {"message": "invalid api key"}})
+    with pytest.raises(SystemExit) as e:  # every grading failed: the run must not look like a success
+        run_main(evaluate.main, argv + ["--judge-url", judge.url, "--judge-model", "judge-1",
+                                        "--judge-key-env", "TEST_JUDGE_KEY"])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "error: the judge graded nothing for logickor" in captured.err
+    assert "| logickor | judge score | - | 0 judged" in captured.out and out.is_file()
+    assert len(judge.requests) == 3  # three failures in a row, then the rest is skipped

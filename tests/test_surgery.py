@@ -6,6 +6,7 @@ import torch
 
 import elo
 from elo.checkpoint import CheckpointReader
+from elo.files import MARKER
 from tests.test_checkpoint import tensors
 
 
@@ -51,6 +52,8 @@ def test_negative_layers_mean_from_the_end(tiny_llama):
     ([4, -1], "name the same layer twice"),
     ([], "no layers given"),
     ("1,x", "comma-separated integers"),
+    ([1.0, 4.0], r"layers \[1.0, 4.0\]: expected a list of 1-based layer numbers \(ints\)"),
+    (1, r"layers 1: expected a list of 1-based layer numbers"),
 ])
 def test_bad_layers(tiny_llama, layers, message):
     with pytest.raises(ValueError, match=message):
@@ -110,7 +113,7 @@ def test_checkpoint_roundtrip_is_bit_exact(tiny, tmp_path):
     assert all(torch.equal(t, mem.state_dict()[n]) for n, t in sub.state_dict().items())
     out = elo.splice_checkpoint(directory, sub_dir, tmp_path / "spliced")
     assert tensors(out) == tensors(directory)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in directory.iterdir())
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(p.name for p in directory.iterdir())
 
 
 def test_splice_checkpoint_writes_trained_layers(tiny_llama, tmp_path):
@@ -159,3 +162,36 @@ def test_load_detached_equals_detach(tiny):
     mem = elo.detach(elo.load_model(directory), [1, 4])
     assert sub.config == mem.config
     assert all(torch.equal(t, mem.state_dict()[n]) for n, t in sub.state_dict().items())
+
+
+def test_splice_in_place_keeps_side_files(tiny_llama, tmp_path):
+    """Splicing into the base itself replaces the trained tensors and keeps every other file of the base."""
+    model = elo.load_model(tiny_llama[0])
+    base = elo.save_model(model, tmp_path / "base", max_shard_bytes=60_000)
+    (base / "README.md").write_text("# my model card")
+    (base / "extra").mkdir()
+    (base / "extra" / "notes.txt").write_text("notes")
+    sub = elo.detach(model, [2, 3])
+    with torch.no_grad():
+        sub.model.layers["1"].self_attn.q_proj.weight.mul_(3)
+    sub_dir = elo.save_model(sub, tmp_path / "sub")
+    files_before = sorted(str(p.relative_to(base)) for p in base.rglob("*"))
+    assert elo.splice_checkpoint(base, sub_dir, base) == base
+    assert (base / "README.md").read_text() == "# my model card" and (base / "extra" / "notes.txt").read_text() == "notes"
+    assert sorted(str(p.relative_to(base)) for p in base.rglob("*")) == files_before
+    elo.splice(model, sub)
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in elo.load_model(base).state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "sub"]
+
+
+def test_checkpoint_writers_refuse_foreign_directories(tiny_llama, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("keep")
+    sub_dir = elo.detach_checkpoint(tiny_llama[0], [1, 4], tmp_path / "sub")
+    with pytest.raises(ValueError, match="non-empty directory that elo did not write"):
+        elo.detach_checkpoint(tiny_llama[0], [1, 4], mine)
+    with pytest.raises(ValueError, match="non-empty directory that elo did not write"):
+        elo.splice_checkpoint(tiny_llama[0], sub_dir, mine)
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"] and (mine / "keep.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "sub"]

@@ -294,6 +294,10 @@ def test_tiktoken_converted_tokenizer_json_matches_hf(llama3_tiktoken_dir, corpu
 
 
 def test_missing_tokenizer_files_error(tmp_path):
+    # a folder that is not a model at all is named as such, not as a model without a tokenizer
+    with pytest.raises(FileNotFoundError, match=r"is not a model directory: it has no config\.json and no tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*tokenizer\.json, tokenizer\.model, "
                                                 r"original/tokenizer\.model"):
         load_tokenizer(tmp_path)
