@@ -24,7 +24,7 @@ import torch
 import elo
 from elo import scoring, tasks
 from elo.checkpoint import load_config
-from elo.cli import fail, run_main
+from elo.cli import ArgumentParser, fail, run_main
 from elo.files import atomic_write_text, sha256_file
 from elo.jsonl import read_jsonl
 from elo.results import compare_table, results_table
@@ -95,7 +95,7 @@ def split_names(value: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=elo.DEFAULT_MODEL, help="HF model directory, hub id or the default model")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
