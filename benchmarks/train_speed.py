@@ -12,6 +12,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,28 +22,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine, median, peak_rss_bytes, timed  # noqa: E402
 from elo.flops import train_flops_per_token  # noqa: E402
-from elo.lora import add_lora  # noqa: E402
+from elo import builders, distributed  # noqa: E402
 from elo.surgery import parse_layers  # noqa: E402
 
-MODES = ("full", "lora", "frozen", "elo")
+MODES = ("full", "lora", "frozen", "elo", "align")
 LABEL = {"full": "full fine-tune", "lora": "LoRA r16 (all linears)", "frozen": "frozen full graph, 2 layers train",
-         "elo": "ELO 2-layer submodel"}
+         "elo": "ELO 2-layer submodel", "align": "align (spliced base, full fine-tune)"}
 
 
 def ours(mode: str, a) -> tuple[torch.nn.Module, float]:
+    """The model each mode trains, built by the library's own builders (the same freezing rules as train.py)."""
     if mode == "elo":
-        model = elo.load_detached(a.model, a.layers)
-        model.requires_grad_(False)
-        model.model.layers.requires_grad_(True)
+        spec = builders.elo_spec(a.model, a.layers)
+    elif mode == "align":  # the base with a submodel spliced in while loading, every parameter training
+        sub = Path(tempfile.mkdtemp()) / "sub"
+        elo.detach_checkpoint(a.model, a.layers, sub)
+        spec = builders.spliced_spec(a.model, sub)
     else:
-        model = elo.load_model(a.model)
+        spec = builders.full_spec(a.model)
         if mode == "lora":
-            add_lora(model, a.lora_rank, 2 * a.lora_rank)
+            spec = builders.add_lora_spec(spec, a.lora_rank, 2 * a.lora_rank, seed=0)
         elif mode == "frozen":
-            ids = parse_layers(a.layers, model.config.num_hidden_layers)
-            model.requires_grad_(False)
-            for i in ids:
-                model.model.layers[str(i)].requires_grad_(True)
+            spec = builders.train_only_layers(spec, a.layers)
+    model = builders.materialize(spec, distributed.Dist(0, 1, torch.device("cpu")))
     return model, train_flops_per_token(model, a.seq_len)
 
 

@@ -1,0 +1,141 @@
+"""Peak memory of loading and saving a large sharded checkpoint with 2 processes (FSDP2 on gloo), next to the
+whole-model load every process used to do.
+
+A synthetic Llama-shaped checkpoint (random fp32 tensors, default ~4.4 GB, written shard by shard) is loaded by
+`elo.builders.materialize` under torchrun with 2 processes, each reading only its own rows of every tensor, then
+exported by `elo.builders.export`, which streams one gathered tensor at a time into output shards on rank 0.
+Each process reports its peak RSS (VmHWM) above its baseline after start-up.
+
+    python benchmarks/shard_memory.py [--layers 24] [--hidden 2048] [--dir /tmp/elo-shard-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine, peak_rss_bytes  # noqa: E402
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+def write_checkpoint(directory: Path, layers: int, hidden: int, vocab: int, shard_bytes: int) -> int:
+    """A random Llama checkpoint in HF layout, one shard in memory at a time; returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    inter = int(hidden * 2.75) // 64 * 64
+    heads, kv = hidden // 64, max(1, hidden // 256)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "head_dim": 64, "vocab_size": vocab, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (heads * 64, hidden), p + "self_attn.k_proj.weight": (kv * 64, hidden),
+                   p + "self_attn.v_proj.weight": (kv * 64, hidden), p + "self_attn.o_proj.weight": (hidden, heads * 64),
+                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                   p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    directory.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    shards, shard, size, total = [], {}, 0, 0
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g) * 0.02
+        if size and size + t.numel() * 4 > shard_bytes:
+            shards.append(shard)
+            save_file(shard, directory / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
+            shard, size = {}, 0
+        shard[name] = t
+        size += t.numel() * 4
+        total += t.numel() * 4
+    shards.append(shard)
+    save_file(shard, directory / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
+    n = len(shards)
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(directory / f"part-{i}.safetensors", directory / file)
+        weight_map |= dict.fromkeys(names, file)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                        "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config))
+    return total
+
+
+def worker(directory: Path, out: Path) -> None:
+    from elo import distributed
+    from elo.builders import export, full_spec, materialize
+
+    d = distributed.init()
+    base = rss_bytes()
+    model = materialize(full_spec(str(directory)), d)
+    loaded = peak_rss_bytes() - base
+    own = sum(p.to_local().numel() * 4 for p in model.parameters())
+    export(model, out, d)
+    saved = peak_rss_bytes() - base
+    print(json.dumps({"rank": d.rank, "load_peak": loaded, "save_peak": saved, "own_shards": own}), flush=True)
+    distributed.close(d)
+
+
+def whole_load(directory: Path) -> None:
+    import elo
+
+    base = rss_bytes()
+    elo.load_model(str(directory))
+    print(json.dumps({"whole_load_peak": peak_rss_bytes() - base}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--shard-gb", type=float, default=1.0, help="shard size of the synthetic input checkpoint")
+    p.add_argument("--dir", type=Path, default=Path("/tmp/elo-shard-bench"))
+    p.add_argument("--worker", choices=["sharded", "whole"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    ckpt, out = a.dir / "ckpt", a.dir / "out"
+    if a.worker == "sharded":
+        return worker(ckpt, out)
+    if a.worker == "whole":
+        return whole_load(ckpt)
+    print(f"machine: {machine()}", flush=True)
+    shutil.rmtree(a.dir, ignore_errors=True)
+    size = write_checkpoint(ckpt, a.layers, a.hidden, a.vocab, int(a.shard_gb * 1e9))
+    largest_in = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    print(f"checkpoint: {size / 1e9:.2f} GB fp32 in {len(list(ckpt.glob('*.safetensors')))} shards", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          __file__, "--dir", str(a.dir), "--worker", "sharded"], env=env, capture_output=True,
+                         text=True, check=True)
+    ranks = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    whole = json.loads(subprocess.run([sys.executable, __file__, "--dir", str(a.dir), "--worker", "whole"], env=env,
+                                      capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    largest_out = max(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"\n| process | load peak GB | % of checkpoint | save peak GB | own shards GB | largest output shard GB | "
+          f"save goal (own + largest shard) GB |\n|---|---|---|---|---|---|---|")
+    for r in ranks:
+        print(f"| rank {r['rank']} of 2 | {r['load_peak'] / 1e9:.2f} | {r['load_peak'] / size:.0%} | "
+              f"{r['save_peak'] / 1e9:.2f} | {r['own_shards'] / 1e9:.2f} | {largest_out / 1e9:.2f} | "
+              f"{(r['own_shards'] + largest_out) / 1e9:.2f} |")
+    print(f"| whole-model load (1 process, as before) | {whole['whole_load_peak'] / 1e9:.2f} | "
+          f"{whole['whole_load_peak'] / size:.0%} | | | | |")
+    print(f"\ninput shards: largest {largest_in / 1e9:.2f} GB; output written to {out}")
+    shutil.rmtree(a.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
