@@ -168,7 +168,7 @@ def align(cfg: AlignConfig) -> Path:
                   "continued_elo_stream": continuing, "train_layers": cfg.train_layers, "lora_rank": cfg.lora_rank,
                   "data_digests": _digests(cfg.data)}
     scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.lora_rank else None
-    return run_stage(cfg, spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], "align",
+    return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], "align",
                      provenance, before_training, scale)
 
 

@@ -28,6 +28,11 @@ class Dist:
         return self.world_size > 1
 
 
+def rank_from_env() -> int:
+    """This process's rank before the process group exists (torchrun sets RANK)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init() -> Dist:
     """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

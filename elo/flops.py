@@ -8,7 +8,6 @@ a frozen layer below every trained one 2 (forward only), and ELO's two layers pl
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from elo.lora import LoRALinear

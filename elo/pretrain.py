@@ -139,7 +139,7 @@ def train(cfg: TrainConfig) -> Path:
     scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.mode == "lora" else None
     provenance = {"stage": "pretrain", "mode": cfg.mode, "model": cfg.model, "layers": cfg.layers, "data": cfg.data,
                   "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens}
-    return run_stage(cfg, spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], cfg.mode,
+    return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], cfg.mode,
                      provenance, lora_scale=scale)
 
 

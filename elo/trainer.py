@@ -265,10 +265,10 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
     return {"steps": step, "tokens": tokens, "seconds": timer.elapsed()}
 
 
-def run_stage(cfg: LoopConfig, spec, build_source, label: str, provenance: dict,
+def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance: dict,
               before_training=None, lora_scale: float | None = None) -> Path:
     """Everything a stage does once its options are checked: join the process group, build the batch source
-    (`build_source(d)`) and the model (`spec`, sharded), train, and export the model with a provenance record
+    (`build_source(d)`) and then the model (`model_spec()`, an elo.builders.ModelSpec; sharded), train, and export the model with a provenance record
     (`elo_run.json`: `provenance` plus tokens, steps, seconds and the data position).
     `before_training(model, source, d)` may adjust the source and returns extra fields for the step-0 record."""
     import json
@@ -281,7 +281,7 @@ def run_stage(cfg: LoopConfig, spec, build_source, label: str, provenance: dict,
     d = distributed.init()
     try:
         source = build_source(d)
-        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, getattr(cfg, "cpu_offload", False))
+        model = materialize(model_spec(), d, cfg.activation_checkpointing, cfg.compile, getattr(cfg, "cpu_offload", False))
         flops = train_flops_per_token(model, cfg.seq_len)
         fresh = not (cfg.resume and run.complete_checkpoints())
         extra = before_training(model, source, d, fresh) if before_training else None

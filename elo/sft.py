@@ -1,0 +1,131 @@
+"""Stage 3, bilingual instruction tuning (`sft.py`): optionally add a chat vector, then fine-tune on chat data
+(target language and English 1:1 by conversations) with the loss on assistant turns only, on the shared loop.
+
+The only difference from pretraining is the batch source (elo.chat_data: conversations rendered through the
+model's chat template, untrained tokens with target -1); the model part is the full model (or LoRA).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elo import distributed
+from elo.builders import add_lora_spec, full_spec
+from elo.data import parse_mix
+from elo.files import MARKER
+from elo.pretrain import _data_specs, check_context, normalize_model, parse_config
+from elo.trainer import LoopConfig, _help, check_run_dir, run_stage
+
+
+@dataclass(kw_only=True)
+class SFTConfig(LoopConfig):
+    model: str = field(metadata=_help("the model to tune: align.py's output (runs/align-ko/model), a directory or "
+                                      "a hub id"))
+    data: dict[str, list[str]] = field(default_factory=dict, metadata=_help(
+        "chat JSONL (ShareGPT 'conversations' or OpenAI 'messages') for a language; repeat for more",
+        repeat=True, metavar="LANG=PATH", parse=_data_specs, required=True))
+    mix: str | None = field(default=None, metadata=_help("conversation proportions, e.g. ko:1,en:1 (default equal)"))
+    val_conversations: int | None = field(default=None, metadata=_help(
+        "held-out conversations per language (default 1%%, at least 1, at most 128)"))
+    epochs: float | None = field(default=None, metadata=_help("passes over the training conversations, instead of "
+                                                              "--max-steps"))
+    max_steps: int = field(default=0, metadata=_help("optimizer steps (or give --epochs)"))
+    lr: float = field(default=1e-5, metadata=_help("peak learning rate"))
+    warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
+    lora_rank: int = field(default=0, metadata=_help("tune LoRA adapters of this rank instead of every weight"))
+    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default 2 * rank)"))
+    chat_vector_base: str | None = field(default=None, metadata=_help(
+        "add the chat vector (instruct - base) first: the pretrained model it comes from"))
+    chat_vector_instruct: str | None = field(default=None, metadata=_help("... and its instruct model"))
+    chat_vector_ratio: float = field(default=1.0, metadata=_help("scale of the chat vector"))
+    cpu_offload: bool = field(default=False, metadata=_help("FSDP2 CPU offload of parameters, gradients, optimizer"))
+
+    def validate(self) -> None:
+        if self.epochs is not None and self.max_steps:
+            raise ValueError("give either --epochs or --max-steps, not both")
+        if self.epochs is None and not self.max_steps:
+            raise ValueError("give the length of the run: --epochs E or --max-steps S")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"--epochs {self.epochs}: expected a positive number")
+        if bool(self.chat_vector_base) != bool(self.chat_vector_instruct):
+            raise ValueError("a chat vector needs both --chat-vector-base and --chat-vector-instruct")
+        if not math.isfinite(self.chat_vector_ratio):
+            raise ValueError(f"--chat-vector-ratio {self.chat_vector_ratio}: expected a finite number")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank {self.lora_rank}: expected 0 (off) or a positive integer")
+        if self.val_conversations is not None and self.val_conversations < 1:
+            raise ValueError(f"--val-conversations {self.val_conversations}: expected a positive integer")
+        saved_steps, self.max_steps = self.max_steps, self.max_steps or 1  # checked once known
+        super().validate()
+        self.max_steps = saved_steps
+        for lang, files in self.data.items():
+            for f in files:
+                if not Path(f).is_file():
+                    raise FileNotFoundError(f"--data {lang}={f}: file not found")
+        if not self.data:
+            raise ValueError("no --data given; expected LANG=PATH, e.g. --data ko=ko_chats.jsonl")
+        if self.mix:
+            parse_mix(self.mix)
+        self.model = normalize_model(self.model)
+
+    def record(self) -> dict:
+        record = super().record()
+        if self.epochs is not None:  # the steps follow from the data; --epochs identifies the run
+            record.pop("max_steps")
+        return record
+
+
+def sft(cfg: SFTConfig) -> Path:
+    """Run (or resume) SFT; returns the directory of the tuned chat model."""
+    from elo.chat_data import build_chat_source
+    from elo.tokenizer import load_tokenizer
+
+    cfg.validate()
+    run = check_run_dir(cfg)
+    if run is None:
+        return Path(cfg.out) / "model"
+    check_context(cfg.seq_len, cfg.model)
+    model_dir = cfg.model
+    if cfg.chat_vector_base:
+        model_dir = str(Path(cfg.out) / "chat_vector")
+        if not (Path(model_dir) / MARKER).is_file() and distributed.rank_from_env() == 0:
+            from elo.chat_vector import add_chat_vector
+
+            print(f"chat vector: {cfg.model} + {cfg.chat_vector_ratio} * ({cfg.chat_vector_instruct} - "
+                  f"{cfg.chat_vector_base}) -> {model_dir}", flush=True)
+            add_chat_vector(cfg.model, cfg.chat_vector_base, cfg.chat_vector_instruct, model_dir,
+                            cfg.chat_vector_ratio)
+    spec = full_spec(model_dir) if not cfg.chat_vector_base else None
+    if spec is not None and cfg.lora_rank:
+        spec = add_lora_spec(spec, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.seed)
+    mix = parse_mix(cfg.mix) if cfg.mix else None
+
+    def build_source(d: distributed.Dist):
+        nonlocal spec
+        if spec is None:  # the chat-vector model: written by rank 0 above, visible to all after this barrier
+            distributed.barrier(d)
+            spec = full_spec(model_dir)
+            if cfg.lora_rank:
+                spec = add_lora_spec(spec, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.seed)
+        source, info = build_chat_source(cfg.data, load_tokenizer(model_dir), cfg.seq_len, mix, cfg.seed, d.rank,
+                                         d.world_size, cfg.val_conversations)
+        if cfg.epochs is not None:
+            conversations = sum(i.train for i in info.values())
+            per_step = cfg.batch_size * cfg.grad_accum * d.world_size
+            cfg.max_steps = max(1, math.ceil(cfg.epochs * conversations / per_step))
+            if d.main:
+                print(f"sft: {cfg.epochs} epoch(s) of {conversations:,} conversations = {cfg.max_steps} steps",
+                      flush=True)
+        return source
+
+    provenance = {"stage": "sft", "model": cfg.model, "chat_vector": {
+        "base": cfg.chat_vector_base, "instruct": cfg.chat_vector_instruct, "ratio": cfg.chat_vector_ratio}
+        if cfg.chat_vector_base else None, "data": cfg.data, "mix": cfg.mix, "seed": cfg.seed, "seq_len": cfg.seq_len}
+    scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.lora_rank else None
+    return run_stage(cfg, lambda: spec, build_source, "sft", provenance, lora_scale=scale)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sft(parse_config(SFTConfig, argv, "ELO stage 3: (chat vector, then) supervised fine-tuning on chat data with "
+                                      "the loss on assistant turns only."))
