@@ -14,12 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from elo.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config,
-                            memory_name, resolve, write_config, write_shards)
+from elo.checkpoint import (CheckpointReader, copy_side_files, disk_name, load_config, memory_name, resolve,
+                            rewrite_checkpoint, write_config, write_shards)
 from elo.config import ModelConfig
 from elo.files import atomic_dir
 from elo.model import Transformer
@@ -146,7 +144,7 @@ def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: 
 
 
 def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """`splice` from checkpoint to checkpoint: stream the base shard by shard (memory: largest shard + submodel),
+    """`splice` from checkpoint to checkpoint: stream the base tensor by tensor (memory: one shard + submodel),
     replacing the tensors the submodel holds; shard layout, config and tokenizer files are the base's."""
     base_dir, sub_dir = resolve(base), resolve(sub)
     base_config, sub_config = load_config(base_dir), load_config(sub_dir)
@@ -158,23 +156,16 @@ def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str 
     if unknown:
         raise ValueError(f"submodel tensors {unknown[:3]} have no counterpart in the base checkpoint {base_dir}")
 
+    def replace(name: str, t: Tensor) -> Tensor:
+        new = replacements.get(name)
+        if new is None:
+            return t
+        if new.shape != t.shape:
+            raise ValueError(f"{name}: submodel shape {tuple(new.shape)} != base shape {tuple(t.shape)}")
+        return new.to(t.dtype)
+
     def fill(tmp: Path) -> None:
-        for file in base_reader.files():
-            with safe_open(base_dir / file, framework="pt") as f:
-                shard = {}
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    new = replacements.get(name)
-                    if new is not None:
-                        if new.shape != t.shape:
-                            raise ValueError(f"{name}: submodel shape {tuple(new.shape)} != base shape {tuple(t.shape)}")
-                        t = new.to(t.dtype)
-                    shard[name] = t
-                metadata = f.metadata() or {"format": "pt"}
-            save_file(shard, tmp / file, metadata=metadata)
-            del shard
-        if (base_dir / INDEX_NAME).is_file():
-            (tmp / INDEX_NAME).write_bytes((base_dir / INDEX_NAME).read_bytes())
+        rewrite_checkpoint(base_reader, tmp, replace)
         (tmp / "config.json").write_bytes((base_dir / "config.json").read_bytes())
         copy_side_files(base_dir, tmp)
 

@@ -6,6 +6,7 @@ import torch
 
 import elo
 from elo.checkpoint import CheckpointReader
+from elo.files import MARKER
 from tests.test_checkpoint import tensors
 
 
@@ -110,7 +111,8 @@ def test_checkpoint_roundtrip_is_bit_exact(tiny, tmp_path):
     assert all(torch.equal(t, mem.state_dict()[n]) for n, t in sub.state_dict().items())
     out = elo.splice_checkpoint(directory, sub_dir, tmp_path / "spliced")
     assert tensors(out) == tensors(directory)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in directory.iterdir())
+    # the source's files and shard layout, plus the marker of an elo output
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *(p.name for p in directory.iterdir())])
 
 
 def test_splice_checkpoint_writes_trained_layers(tiny_llama, tmp_path):
