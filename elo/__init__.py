@@ -1,4 +1,5 @@
 """elo: Efficient Layer-Specific Optimization (arXiv 2601.03648) for language adaptation of LLMs, in pure PyTorch."""
+from elo.chat_vector import add_chat_vector
 from elo.checkpoint import load_model, resolve, save_model
 from elo.config import ModelConfig
 from elo.model import Transformer
@@ -15,4 +16,4 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
 
 
 __all__ = ["DEFAULT_MODEL", "ModelConfig", "Transformer", "load_model", "save_model", "load_tokenizer", "resolve",
-           "detach", "load_detached", "splice", "detach_checkpoint", "splice_checkpoint"]
+           "detach", "load_detached", "splice", "detach_checkpoint", "splice_checkpoint", "add_chat_vector"]

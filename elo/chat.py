@@ -24,6 +24,9 @@ from typing import Any
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
+# A rendering is a list of (text, trained) segments: the trained ones are the assistant's content and the token
+# that ends its turn, so that SFT masks come from the template's own structure.
+Segment = tuple[str, bool]
 
 
 def _pattern(fragment: str) -> str:
@@ -67,14 +70,18 @@ _CHATML_DEFAULT_SYSTEM = re.compile(r"""['"]<\|im_start\|>system(?:\n|\\n)([^'"]
 
 
 def _chatml(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
-            default_system: str | None) -> str:
+            default_system: str | None) -> list[Segment]:
     out = []
     if default_system is not None and messages[0]["role"] != "system":
-        out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-    out += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+        out.append((f"<|im_start|>system\n{default_system}<|im_end|>\n", False))
+    for m in messages:
+        if m["role"] == "assistant":
+            out += [("<|im_start|>assistant\n", False), (f"{m['content']}<|im_end|>", True), ("\n", False)]
+        else:
+            out.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
     if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
+        out.append(("<|im_start|>assistant\n", False))
+    return out
 
 
 # ---- Llama 3 ----
@@ -92,16 +99,21 @@ _LLAMA31 = (
 )
 
 
-def _llama3(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str) -> str:
-    out = [bos] + [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                   for m in messages]
+def _llama3(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str) -> list[Segment]:
+    out = [(bos, False)]
+    for m in messages:
+        header = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+        if m["role"] == "assistant":
+            out += [(header, False), (f"{m['content'].strip()}<|eot_id|>", True)]
+        else:
+            out.append((f"{header}{m['content'].strip()}<|eot_id|>", False))
     if add_generation_prompt:
-        out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    return "".join(out)
+        out.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
+    return out
 
 
 def _llama31(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
-             date: Callable[[], str]) -> str:
+             date: Callable[[], str]) -> list[Segment]:
     # Llama 3 turns after a system block that is always there, dated, with the system message (if any) inside
     system = ""
     if messages[0]["role"] == "system":
@@ -153,11 +165,11 @@ _MISTRAL = (
 
 
 def _mistral(messages: list[Message], add_generation_prompt: bool, bos: str, eos: str, *,
-             layout: MistralLayout) -> str:
+             layout: MistralLayout) -> list[Segment]:
     system = None
     if layout.system_at is not None and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
-    out = [bos]
+    out = [(bos, False)]
     for i, m in enumerate(messages):
         if (m["role"] == "user") != (i % 2 == 0):
             raise ValueError(f"{layout.name} chat template: roles must alternate user/assistant/user/... after "
@@ -166,21 +178,23 @@ def _mistral(messages: list[Message], add_generation_prompt: bool, bos: str, eos
         if m["role"] == "user":
             at_system = system is not None and i == (0 if layout.system_at == "first" else len(messages) - 1)
             content = f"{system}\n\n{m['content']}" if at_system else m["content"]
-            out.append(f"{layout.user[0]}{content}{layout.user[1]}")
+            out.append((f"{layout.user[0]}{content}{layout.user[1]}", False))
         else:
             content = m["content"].strip() if layout.strip_assistant else m["content"]
-            out.append(f"{layout.assistant[0]}{content}{eos}{layout.assistant[1]}")
-    return "".join(out)  # Mistral templates add nothing for add_generation_prompt
+            # the space before the answer is the model's to generate (SentencePiece joins it to the first word)
+            out += [(f"{layout.assistant[0]}{content}{eos}", True), (layout.assistant[1], False)]
+    return out  # Mistral templates add nothing for add_generation_prompt
 
 
 # ---- recognition ----
 
-Renderer = Callable[[list[Message], bool, str, str], str]
+Renderer = Callable[[list[Message], bool, str, str], list[Segment]]
 
 
 @functools.lru_cache(maxsize=16)
 def chat_renderer(template: str) -> tuple[str, Renderer]:
-    """(family name, render(messages, add_generation_prompt, bos_token, eos_token)) for a raw jinja template."""
+    """(family name, render(messages, add_generation_prompt, bos_token, eos_token) -> segments) for a raw jinja
+    template."""
     t = _normalise(template)
     if _has_all(t, _CHATML) and not re.search(r"\b(bos|eos)_token\b", t):
         defaults = {d.replace("\\n", "\n") for d in _CHATML_DEFAULT_SYSTEM.findall(t)}
@@ -215,15 +229,65 @@ def _token_text(tokenizer: Any, token_id: int | None) -> str:
     return by_id[token_id] if token_id in by_id else tokenizer.decode([token_id])
 
 
-def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages` under the tokenizer's chat template, as transformers' apply_chat_template
-    (tokenize=False) renders it. Encode it with special tokens parsed and no extra BOS (the template has it)."""
+def chat_segments(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = True) -> list[Segment]:
+    """The rendering of `messages` as (text, trained) segments; their texts joined are `render_chat`'s text."""
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat_template; expected an instruct model's tokenizer")
     _check(messages)
     _, render = chat_renderer(tokenizer.chat_template)
     return render(messages, add_generation_prompt, _token_text(tokenizer, tokenizer.bos_id),
                   _token_text(tokenizer, tokenizer.eos_id))
+
+
+def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """The prompt text for `messages` under the tokenizer's chat template, as transformers' apply_chat_template
+    (tokenize=False) renders it. Encode it with special tokens parsed and no extra BOS (the template has it)."""
+    return "".join(text for text, _ in chat_segments(tokenizer, messages, add_generation_prompt))
+
+
+def tokenize_chats(tokenizer: Any, conversations: list[list[Message]]) -> list[tuple[list[int], list[bool]] | None]:
+    """Token ids of each conversation as apply_chat_template(tokenize=True) gives them, with a train flag per token:
+    True on the assistant's content and its end-of-turn token, False on everything else.
+
+    The ids are those of the whole text; a flag changes at the token where the text's segments change from
+    untrained to trained or back. Where no token starts there (a tokenizer merging a header's last characters with
+    the answer's first), the conversation's entry is None rather than a guessed mask."""
+    texts, cuts = [], []
+    for messages in conversations:
+        text, bounds, before = "", [], False
+        for piece, trained in chat_segments(tokenizer, messages, add_generation_prompt=False):
+            if trained != before:
+                bounds.append(len(text))
+            text, before = text + piece, trained
+        texts.append(text)
+        cuts.append(bounds)
+    encoded = iter(tokenizer.encode_batch([t[:b] for t, bounds in zip(texts, cuts) for b in [len(t), *bounds]]))
+    out: list[tuple[list[int], list[bool]] | None] = []
+    for text, bounds in zip(texts, cuts):
+        ids = next(encoded)
+        stops = [_token_boundary(tokenizer, ids, next(encoded), text[:b]) for b in bounds]
+        if None in stops:
+            out.append(None)
+            continue
+        flags, trained, start = [], False, 0
+        for stop in [*stops, len(ids)]:
+            flags += [trained] * (stop - start)
+            trained, start = not trained, stop
+        out.append((ids, flags))
+    return out
+
+
+def _token_boundary(tokenizer: Any, ids: list[int], prefix_ids: list[int], prefix: str) -> int | None:
+    """k such that ids[:k] is exactly the text `prefix` (whose own tokens are `prefix_ids`), or None."""
+    if ids[:len(prefix_ids)] == prefix_ids:
+        return len(prefix_ids)
+    # the prefix alone may split its tail differently (e.g. "\n\n" at the end of a text vs before a word), yet a
+    # token of the whole text may still start at the boundary: look near where the two tokenizations part
+    common = next((i for i, (a, b) in enumerate(zip(ids, prefix_ids)) if a != b), min(len(ids), len(prefix_ids)))
+    for k in range(common, min(len(ids), len(prefix_ids) + 2) + 1):
+        if tokenizer.decode(ids[:k]) == prefix:
+            return k
+    return None
 
 
 # tokens that end an assistant turn, besides the tokenizer's EOS

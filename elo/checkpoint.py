@@ -10,7 +10,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -101,6 +101,10 @@ class CheckpointReader:
         t = self._open(name).get_tensor(name)
         self.bytes_read += t.numel() * t.element_size()
         return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the header alone."""
+        return tuple(self._open(name).get_slice(name).get_shape())
 
     def get_rows(self, name: str, n: int) -> Tensor:
         """The first n rows of a tensor, reading only those."""
@@ -202,6 +206,29 @@ def write_shards(tensors: Iterable[tuple[str, Tensor]], directory: Path, max_sha
         weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def rewrite_checkpoint(reader: CheckpointReader, directory: Path,
+                       fn: Callable[[str, Tensor], Tensor | None]) -> None:
+    """Write every tensor of `reader` through `fn(name, tensor)` (None drops it) into `directory`, in the source's
+    shard layout. One shard is built at a time from tensors read one by one, so memory holds one output shard plus
+    whatever `fn` reads beside the tensor it is given."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file in reader.files():
+        shard = {}
+        for name in [n for n, f in reader.weight_map.items() if f == file]:
+            t = fn(name, reader.get(name))
+            if t is not None:
+                shard[name] = t.contiguous()
+                total += t.numel() * t.element_size()
+        if shard:
+            save_file(shard, directory / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            del shard
+    if (reader.directory / INDEX_NAME).is_file():
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES,

@@ -301,6 +301,35 @@ def resolve_mix(mix: dict[str, float] | None, langs: Iterable[str]) -> dict[str,
     return dict(mix)
 
 
+# ---- the language schedule (shared with elo.chat_data) ----
+
+def integer_weights(mix: dict[str, float]) -> dict[str, int]:
+    """Exact integer weights proportional to `mix`, so that a schedule is free of rounding and identical on every
+    machine."""
+    shares = {l: Fraction(str(w)) for l, w in mix.items()}
+    scale = math.lcm(*(s.denominator for s in shares.values()))
+    return {l: int(s * scale) for l, s in shares.items()}
+
+
+def next_language(n: int, counts: dict[str, int], weight: dict[str, int], total: int) -> str:
+    """The language of item n (1-based) given the items each language has so far: the one whose next item is due
+    soonest (earliest deadline) among those not ahead of their share; ties go to the first in `counts` order."""
+    lang = None
+    for l, c in counts.items():
+        w = weight[l]
+        # eligible: not ahead of its share; due: the (c+1)-th item is needed by step (c+1) / share
+        if n * w > c * total and (lang is None or (c + 1) * weight[lang] < (counts[lang] + 1) * w):
+            lang = l
+    assert lang is not None  # shares sum to 1, so some language is always behind
+    return lang
+
+
+def epoch_order(seed: int, lang: str, epoch: int, size: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits a language's `size` items."""
+    lang_id = int.from_bytes(hashlib.sha256(lang.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, lang_id, epoch]).permutation(size)
+
+
 # ---- the mixture sampler ----
 
 class MixtureSampler:
@@ -332,10 +361,7 @@ class MixtureSampler:
         self.seq_len = next(iter(corpora.values())).seq_len
         total = sum(mix.values())
         self.mix = {l: mix[l] / total for l in self.langs}  # normalised shares
-        # exact integer weights, so that the schedule is free of rounding and identical on every machine
-        shares = {l: Fraction(str(mix[l])) for l in self.langs}
-        scale = math.lcm(*(s.denominator for s in shares.values()))
-        self._weight = {l: int(s * scale) for l, s in shares.items()}
+        self._weight = integer_weights({l: mix[l] for l in self.langs})
         self._total = sum(self._weight.values())
         self.position = 0  # global items drawn so far (all ranks together)
         self.counts = {l: 0 for l in self.langs}  # global items drawn so far per language
@@ -385,24 +411,16 @@ class MixtureSampler:
         if sum(state["counts"].values()) != state["position"]:
             raise ValueError(f"corrupt data state: counts {state['counts']} do not sum to position {state['position']}")
         self.position = state["position"]
-        self.counts = dict(state["counts"])
+        self.counts = {l: state["counts"][l] for l in self.langs}
         self._perms.clear()
 
     def _draw(self) -> tuple[str, int]:
-        n = self.position + 1
-        lang = None
-        for l in self.langs:
-            c, w = self.counts[l], self._weight[l]
-            # eligible: not ahead of its share; due: the (c+1)-th item is needed by step (c+1) / share
-            if n * w > c * self._total and (lang is None or (c + 1) * self._weight[lang] < (self.counts[lang] + 1) * w):
-                lang = l
-        assert lang is not None  # shares sum to 1, so some language is always behind
+        lang = next_language(self.position + 1, self.counts, self._weight, self._total)
         corpus = self.corpora[lang]
         epoch, i = divmod(self.counts[lang], corpus.num_train)
         cached = self._perms.get(lang)
         if cached is None or cached[0] != epoch:
-            lang_id = int.from_bytes(hashlib.sha256(lang.encode()).digest()[:8], "little")
-            cached = (epoch, np.random.default_rng([self.seed, lang_id, epoch]).permutation(corpus.num_train))
+            cached = (epoch, epoch_order(self.seed, lang, epoch, corpus.num_train))
             self._perms[lang] = cached
         self.counts[lang] += 1
         self.position += 1

@@ -16,11 +16,10 @@ from numbers import Integral
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from elo.checkpoint import (CheckpointReader, copy_side_files, disk_name, load_config, memory_name,
-                            open_safetensors, resolve, write_config, write_shards)
+from elo.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config, memory_name, resolve,
+                            rewrite_checkpoint, write_config, write_shards)
 from elo.config import ModelConfig
 from elo.files import atomic_dir, check_output_dir
 from elo.model import Transformer
@@ -154,7 +153,7 @@ def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: 
 
 
 def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """`splice` from checkpoint to checkpoint: stream the base shard by shard (memory: largest shard + submodel),
+    """`splice` from checkpoint to checkpoint: stream the base tensor by tensor (memory: one output shard + submodel),
     replacing the tensors the submodel holds; shard layout, config, tokenizer and every other non-weight file
     (README.md, licence...) are the base's, so splicing in place loses nothing but the replaced tensors."""
     check_output_dir(out, "output directory")
@@ -168,24 +167,20 @@ def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str 
     if unknown:
         raise ValueError(f"submodel tensors {unknown[:3]} have no counterpart in the base checkpoint {base_dir}")
 
+    def replace(name: str, t: Tensor) -> Tensor:
+        new = replacements.get(name)
+        if new is None:
+            return t
+        if new.shape != t.shape:
+            raise ValueError(f"{name}: submodel shape {tuple(new.shape)} != base shape {tuple(t.shape)}")
+        return new.to(t.dtype)
+
     def fill(tmp: Path) -> None:
-        for file in base_reader.files():
-            with open_safetensors(base_dir / file) as f:
-                shard = {}
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    new = replacements.get(name)
-                    if new is not None:
-                        if new.shape != t.shape:
-                            raise ValueError(f"{name}: submodel shape {tuple(new.shape)} != base shape {tuple(t.shape)}")
-                        t = new.to(t.dtype)
-                    shard[name] = t
-                metadata = f.metadata() or {"format": "pt"}
-            save_file(shard, tmp / file, metadata=metadata)
-            del shard
-        for path in base_dir.rglob("*"):
+        rewrite_checkpoint(base_reader, tmp, replace)
+        for path in base_dir.rglob("*"):  # config, tokenizer and every other non-weight file (README, licence...)
             rel = path.relative_to(base_dir)
-            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and not rel.parts[0].startswith("."):
+            if (path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != INDEX_NAME
+                    and not rel.parts[0].startswith(".")):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, tmp / rel)
 
