@@ -4,7 +4,8 @@ whole-model load every process used to do.
 A synthetic Llama-shaped checkpoint (random fp32 tensors, default ~4.4 GB, written shard by shard) is loaded by
 `elo.builders.materialize` under torchrun with 2 processes, each reading only its own rows of every tensor, then
 exported by `elo.builders.export`, which streams one gathered tensor at a time into output shards on rank 0.
-Each process reports its peak RSS (VmHWM) above its baseline after start-up.
+Each process reports the peak of its anonymous resident memory (RssAnon, sampled every 2 ms) above its value
+after start-up: mapped checkpoint pages are page cache, not memory the process holds.
 
     python benchmarks/shard_memory.py [--layers 24] [--hidden 2048] [--dir /tmp/elo-shard-bench]
 """
@@ -16,17 +17,39 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, peak_rss_bytes  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 
 
-def rss_bytes() -> int:
+def anon_bytes() -> int:
+    """Anonymous resident memory: what the process holds itself. Pages of memory-mapped checkpoint files count in
+    VmRSS only while touched and are page cache the kernel can drop, so they are left out."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
+
+class PeakAnon:
+    """The peak of `anon_bytes()` above its value at start, sampled every 2 ms in a thread."""
+
+    def __init__(self):
+        self.base = anon_bytes()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, anon_bytes() - self.base)
+
+    def read(self) -> int:
+        self.peak = max(self.peak, anon_bytes() - self.base)
+        return self.peak
 
 
 def write_checkpoint(directory: Path, layers: int, hidden: int, vocab: int, shard_bytes: int) -> int:
@@ -79,12 +102,12 @@ def worker(directory: Path, out: Path) -> None:
     from elo.builders import export, full_spec, materialize
 
     d = distributed.init()
-    base = rss_bytes()
+    peak = PeakAnon()
     model = materialize(full_spec(str(directory)), d)
-    loaded = peak_rss_bytes() - base
+    loaded = peak.read()
     own = sum(p.to_local().numel() * 4 for p in model.parameters())
     export(model, out, d)
-    saved = peak_rss_bytes() - base
+    saved = peak.read()
     print(json.dumps({"rank": d.rank, "load_peak": loaded, "save_peak": saved, "own_shards": own}), flush=True)
     distributed.close(d)
 
@@ -92,9 +115,11 @@ def worker(directory: Path, out: Path) -> None:
 def whole_load(directory: Path) -> None:
     import elo
 
-    base = rss_bytes()
-    elo.load_model(str(directory))
-    print(json.dumps({"whole_load_peak": peak_rss_bytes() - base}), flush=True)
+    peak = PeakAnon()
+    model = elo.load_model(str(directory))
+    for p in model.parameters():  # a trainable copy: the loaded tensors may still be views of the mapped files
+        p.data = p.data.clone()
+    print(json.dumps({"whole_load_peak": peak.read()}), flush=True)
 
 
 def main() -> None:
@@ -125,7 +150,7 @@ def main() -> None:
     whole = json.loads(subprocess.run([sys.executable, __file__, "--dir", str(a.dir), "--worker", "whole"], env=env,
                                       capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     largest_out = max(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"\n| process | load peak GB | % of checkpoint | save peak GB | own shards GB | largest output shard GB | "
+    print("\n| process | load peak GB | % of checkpoint | save peak GB | own shards GB | largest output shard GB | "
           f"save goal (own + largest shard) GB |\n|---|---|---|---|---|---|---|")
     for r in ranks:
         print(f"| rank {r['rank']} of 2 | {r['load_peak'] / 1e9:.2f} | {r['load_peak'] / size:.0%} | "
