@@ -17,8 +17,9 @@ from pathlib import Path
 
 from elo.builders import add_lora_spec, full_spec, materialize, spliced_spec, train_only_layers
 from elo.checkpoint import load_config
+from elo.cli import option
 from elo.pretrain import TextDataConfig, check_context, normalize_model, parse_config
-from elo.trainer import LoopConfig, _help, check_run_dir, run_stage, validation_loss
+from elo.trainer import LoopConfig, check_run_dir, run_stage, validation_loss
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbB]?)\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
@@ -26,20 +27,20 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 @dataclass(kw_only=True)
 class AlignConfig(LoopConfig, TextDataConfig):
-    elo: str = field(metadata=_help("a train.py ELO run directory, or an ELO submodel directory"))
-    base: str | None = field(default=None, metadata=_help("the base model (default: the one the submodel records)"))
-    tokens: str | None = field(default=None, metadata=_help(
+    elo: str = field(metadata=option("a train.py ELO run directory, or an ELO submodel directory"))
+    base: str | None = field(default=None, metadata=option("the base model (default: the one the submodel records)"))
+    tokens: str | None = field(default=None, metadata=option(
         "alignment budget: a count (300M, 2.5e6) or a percentage of the ELO run's tokens (11%%); default 1/9 of "
         "them, the paper's 1 GB after 9 GB"))
-    max_steps: int = field(default=0, metadata=_help("optimizer steps instead of --tokens"))
-    warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
-    lr: float = field(default=2e-5, metadata=_help("peak learning rate"))
-    train_layers: str | None = field(default=None, metadata=_help(
+    max_steps: int = field(default=0, metadata=option("optimizer steps instead of --tokens"))
+    warmup_steps: int = field(default=10, metadata=option("linear warmup steps"))
+    lr: float = field(default=2e-5, metadata=option("peak learning rate"))
+    train_layers: str | None = field(default=None, metadata=option(
         "train only these 1-based decoder layers (all still compute), e.g. 1,2,29,30; default: the whole model"))
-    lora_rank: int = field(default=0, metadata=_help("align with LoRA adapters of this rank instead"))
-    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default 2 * rank)"))
-    cpu_offload: bool = field(default=False, metadata=_help("FSDP2 CPU offload of parameters, gradients, optimizer"))
-    save_spliced: bool = field(default=False, metadata=_help("also write the spliced model, before alignment, to "
+    lora_rank: int = field(default=0, metadata=option("align with LoRA adapters of this rank instead"))
+    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
+    cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
+    save_spliced: bool = field(default=False, metadata=option("also write the spliced model, before alignment, to "
                                                              "--out/spliced (streamed)"))
 
 

@@ -52,6 +52,12 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def option(help: str, **more: Any) -> dict:
+    """Field metadata for `add_dataclass_options`: the help text, plus `flag`, `repeat`, `metavar`, `parse`,
+    `required`."""
+    return {"help": help, **more}
+
+
 def _base_type(tp: Any) -> Any:
     """`int | None` -> int; `str` -> str."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

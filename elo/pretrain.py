@@ -12,11 +12,11 @@ from pathlib import Path
 from elo import distributed
 from elo.builders import ModelSpec, add_lora_spec, elo_spec, full_spec
 from elo.checkpoint import load_config, resolve
-from elo.cli import ArgumentParser, add_dataclass_options
+from elo.cli import ArgumentParser, add_dataclass_options, option
 from elo.data import build_dataset, parse_data, parse_mix
 from elo.default_model import DEFAULT_MODEL
 from elo.run_dir import RunDir
-from elo.trainer import LoopConfig, _help, check_run_dir, run_stage
+from elo.trainer import LoopConfig, check_run_dir, run_stage
 
 
 def _data_specs(specs: list[str]) -> dict[str, list[str]]:
@@ -27,15 +27,15 @@ def _data_specs(specs: list[str]) -> dict[str, list[str]]:
 @dataclass(kw_only=True)
 class TextDataConfig:
     """Pretraining text: files per language and their mix (train.py and align.py)."""
-    data: dict[str, list[str]] = field(default_factory=dict, metadata=_help(
+    data: dict[str, list[str]] = field(default_factory=dict, metadata=option(
         "text for a language (JSONL or .txt); repeat for more languages or files", repeat=True,
         metavar="LANG=PATH", parse=_data_specs, required=True))
-    mix: str | None = field(default=None, metadata=_help("token proportions, e.g. en:1,ko:9 (default 1:9 English:"
+    mix: str | None = field(default=None, metadata=option("token proportions, e.g. en:1,ko:9 (default 1:9 English:"
                                                          "target for English + one language)"))
-    text_field: str = field(default="text", metadata=_help("JSONL field holding the text", flag="--field"))
-    val_tokens: int | None = field(default=None, metadata=_help("held-out tokens per language (default: 1%%, at "
+    text_field: str = field(default="text", metadata=option("JSONL field holding the text", flag="--field"))
+    val_tokens: int | None = field(default=None, metadata=option("held-out tokens per language (default: 1%%, at "
                                                                 "most 64 sequences)"))
-    cache_dir: str | None = field(default=None, metadata=_help("token cache directory (default ~/.cache/elo/data)"))
+    cache_dir: str | None = field(default=None, metadata=option("token cache directory (default ~/.cache/elo/data)"))
 
     def validate_data(self, seq_len: int) -> None:
         if not self.data:
@@ -60,12 +60,12 @@ class TextDataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig(LoopConfig, TextDataConfig):
-    model: str = field(default=DEFAULT_MODEL, metadata=_help("HF model directory, hub id, or the offline default"))
-    layers: str = field(default="1,-1", metadata=_help("1-based decoder layers to detach and train (ELO), e.g. "
+    model: str = field(default=DEFAULT_MODEL, metadata=option("HF model directory, hub id, or the offline default"))
+    layers: str = field(default="1,-1", metadata=option("1-based decoder layers to detach and train (ELO), e.g. "
                                                        "1,32; 'all': full fine-tuning"))
-    lora_rank: int = field(default=0, metadata=_help("train LoRA adapters of this rank on the whole model instead"))
-    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default 2 * rank)"))
-    train_embeddings: bool = field(default=False, metadata=_help("ELO: also train embedding, final norm and head"))
+    lora_rank: int = field(default=0, metadata=option("train LoRA adapters of this rank on the whole model instead"))
+    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
+    train_embeddings: bool = field(default=False, metadata=option("ELO: also train embedding, final norm and head"))
 
     @property
     def mode(self) -> str:

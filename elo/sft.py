@@ -12,34 +12,35 @@ from pathlib import Path
 
 from elo import distributed
 from elo.builders import add_lora_spec, full_spec
+from elo.cli import option
 from elo.data import parse_mix
 from elo.files import MARKER
 from elo.pretrain import _data_specs, check_context, normalize_model, parse_config
-from elo.trainer import LoopConfig, _help, check_run_dir, run_stage
+from elo.trainer import LoopConfig, check_run_dir, run_stage
 
 
 @dataclass(kw_only=True)
 class SFTConfig(LoopConfig):
-    model: str = field(metadata=_help("the model to tune: align.py's output (runs/align-ko/model), a directory or "
+    model: str = field(metadata=option("the model to tune: align.py's output (runs/align-ko/model), a directory or "
                                       "a hub id"))
-    data: dict[str, list[str]] = field(default_factory=dict, metadata=_help(
+    data: dict[str, list[str]] = field(default_factory=dict, metadata=option(
         "chat JSONL (ShareGPT 'conversations' or OpenAI 'messages') for a language; repeat for more",
         repeat=True, metavar="LANG=PATH", parse=_data_specs, required=True))
-    mix: str | None = field(default=None, metadata=_help("conversation proportions, e.g. ko:1,en:1 (default equal)"))
-    val_conversations: int | None = field(default=None, metadata=_help(
+    mix: str | None = field(default=None, metadata=option("conversation proportions, e.g. ko:1,en:1 (default equal)"))
+    val_conversations: int | None = field(default=None, metadata=option(
         "held-out conversations per language (default 1%%, at least 1, at most 128)"))
-    epochs: float | None = field(default=None, metadata=_help("passes over the training conversations, instead of "
+    epochs: float | None = field(default=None, metadata=option("passes over the training conversations, instead of "
                                                               "--max-steps"))
-    max_steps: int = field(default=0, metadata=_help("optimizer steps (or give --epochs)"))
-    lr: float = field(default=1e-5, metadata=_help("peak learning rate"))
-    warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
-    lora_rank: int = field(default=0, metadata=_help("tune LoRA adapters of this rank instead of every weight"))
-    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default 2 * rank)"))
-    chat_vector_base: str | None = field(default=None, metadata=_help(
+    max_steps: int = field(default=0, metadata=option("optimizer steps (or give --epochs)"))
+    lr: float = field(default=1e-5, metadata=option("peak learning rate"))
+    warmup_steps: int = field(default=10, metadata=option("linear warmup steps"))
+    lora_rank: int = field(default=0, metadata=option("tune LoRA adapters of this rank instead of every weight"))
+    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
+    chat_vector_base: str | None = field(default=None, metadata=option(
         "add the chat vector (instruct - base) first: the pretrained model it comes from"))
-    chat_vector_instruct: str | None = field(default=None, metadata=_help("... and its instruct model"))
-    chat_vector_ratio: float = field(default=1.0, metadata=_help("scale of the chat vector"))
-    cpu_offload: bool = field(default=False, metadata=_help("FSDP2 CPU offload of parameters, gradients, optimizer"))
+    chat_vector_instruct: str | None = field(default=None, metadata=option("... and its instruct model"))
+    chat_vector_ratio: float = field(default=1.0, metadata=option("scale of the chat vector"))
+    cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
 
     def validate(self) -> None:
         if self.epochs is not None and self.max_steps:

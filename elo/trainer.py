@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from elo import distributed
+from elo.cli import option
 from elo.data import Batch
 from elo.metrics import StepTimer, format_progress, mfu, peak_flops_info
 from elo.run_dir import RunDir
@@ -42,32 +43,28 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _help(text: str, **more) -> dict:
-    return {"help": text, **more}
-
-
 @dataclass(kw_only=True)
 class LoopConfig:
     """Options every stage shares (optimization, checkpoints, validation). Command-line options derive from these
     fields (elo.cli.add_dataclass_options)."""
-    out: str = field(metadata=_help("run directory (created; --resume continues the run in it)"))
-    seq_len: int = field(default=2048, metadata=_help("tokens per sequence"))
-    batch_size: int = field(default=4, metadata=_help("sequences per micro-batch per process"))
-    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    max_steps: int = field(default=1000, metadata=_help("optimizer steps"))
-    lr: float = field(default=1e-4, metadata=_help("peak learning rate"))
-    min_lr_ratio: float = field(default=0.1, metadata=_help("cosine decays to lr * this, in [0, 1]"))
-    warmup_steps: int = field(default=100, metadata=_help("linear warmup steps"))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay (not on norms and biases)"))
-    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this; 0: no clipping"))
-    seed: int = field(default=0, metadata=_help("data order and initialisation seed"))
-    save_every: int = field(default=0, metadata=_help("train-state checkpoint every N steps (0: none)"))
-    keep_checkpoints: int = field(default=2, metadata=_help("keep the newest K checkpoints (0: all)"))
-    eval_every: int = field(default=0, metadata=_help("held-out loss every N steps (always at start and end)"))
-    eval_batches: int = field(default=8, metadata=_help("validation batches per language"))
-    activation_checkpointing: bool = field(default=False, metadata=_help("recompute layer activations in backward"))
-    compile: bool = field(default=False, metadata=_help("torch.compile each decoder layer"))
-    resume: bool = field(default=False, metadata=_help("continue from the newest complete checkpoint in --out"))
+    out: str = field(metadata=option("run directory (created; --resume continues the run in it)"))
+    seq_len: int = field(default=2048, metadata=option("tokens per sequence"))
+    batch_size: int = field(default=4, metadata=option("sequences per micro-batch per process"))
+    grad_accum: int = field(default=1, metadata=option("micro-batches per optimizer step"))
+    max_steps: int = field(default=1000, metadata=option("optimizer steps"))
+    lr: float = field(default=1e-4, metadata=option("peak learning rate"))
+    min_lr_ratio: float = field(default=0.1, metadata=option("cosine decays to lr * this, in [0, 1]"))
+    warmup_steps: int = field(default=100, metadata=option("linear warmup steps"))
+    weight_decay: float = field(default=0.1, metadata=option("AdamW weight decay (not on norms and biases)"))
+    grad_clip: float = field(default=1.0, metadata=option("clip the gradient norm to this; 0: no clipping"))
+    seed: int = field(default=0, metadata=option("data order and initialisation seed"))
+    save_every: int = field(default=0, metadata=option("train-state checkpoint every N steps (0: none)"))
+    keep_checkpoints: int = field(default=2, metadata=option("keep the newest K checkpoints (0: all)"))
+    eval_every: int = field(default=0, metadata=option("held-out loss every N steps (always at start and end)"))
+    eval_batches: int = field(default=8, metadata=option("validation batches per language"))
+    activation_checkpointing: bool = field(default=False, metadata=option("recompute layer activations in backward"))
+    compile: bool = field(default=False, metadata=option("torch.compile each decoder layer"))
+    resume: bool = field(default=False, metadata=option("continue from the newest complete checkpoint in --out"))
 
     # may change between a run and its resumption; every other field must match
     VOLATILE = frozenset({"resume", "save_every", "keep_checkpoints", "eval_every", "eval_batches", "out",
