@@ -16,18 +16,16 @@ measures the waste against packing).
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from elo.chat import Message, tokenize_chats
-from elo.data import Batch, epoch_order, integer_weights, next_language, resolve_mix
+from elo.data import Batch, LanguageMix, epoch_order, resolve_mix
 from elo.jsonl import read_jsonl
 
 # file form -> (turns key, role key, content key, role names -> chat roles)
@@ -175,7 +173,7 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], langs: list[str], pad
     return Batch(inputs, targets, langs)
 
 
-class ChatSource:
+class ChatSource(LanguageMix):
     """An endless global stream of training conversations shared by all ranks, defined by (data, mix, seed) alone.
 
     Language schedule: elo.data's earliest-deadline rule over conversations, so after every prefix of n
@@ -187,24 +185,16 @@ class ChatSource:
     sees at B * w, with balanced lengths.
     """
 
+    _size_key = "train_conversations"
+
     def __init__(self, train: dict[str, ChatSet], val: dict[str, ChatSet], mix: dict[str, float], seed: int,
                  pad_id: int, rank: int = 0, world_size: int = 1):
-        if set(mix) != set(train):
-            raise ValueError(f"mix languages {sorted(mix)} differ from data languages {sorted(train)}")
-        if seed < 0:
-            raise ValueError(f"seed={seed}; expected a non-negative integer")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} with world_size={world_size}; expected 0 <= rank < world_size")
-        self.train, self.val, self.seed, self.pad_id = train, val, seed, pad_id
-        self.rank, self.world_size = rank, world_size
-        self.langs = sorted(train)
-        total = sum(mix.values())
-        self.mix = {l: mix[l] / total for l in self.langs}
-        self._weight = integer_weights({l: mix[l] for l in self.langs})
-        self._total = sum(self._weight.values())
-        self.position = 0  # conversations drawn so far (all ranks together)
-        self.counts = {l: 0 for l in self.langs}
+        super().__init__(train, mix, seed, rank, world_size)
+        self.train, self.val, self.pad_id = train, val, pad_id
         self._groups: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # lang -> ((epoch, group start), order)
+
+    def _sizes(self) -> dict[str, int]:
+        return {l: len(self.train[l]) for l in self.langs}
 
     def next_batch(self, batch_size: int) -> Batch:
         """This rank's next micro-batch of `batch_size` conversations (advances the stream by batch_size * world)."""
@@ -226,31 +216,9 @@ class ChatSource:
             idx = range(s, min(s + batch_size, len(conversations)))
             yield collate([conversations[i] for i in idx], [lang] * len(idx), self.pad_id)
 
-    def state_dict(self) -> dict:
-        """Position in the global stream (the same on every rank), plus what must match on resume."""
-        return {"position": self.position, "counts": dict(self.counts), "seed": self.seed, "mix": dict(self.mix),
-                "train_conversations": {l: len(self.train[l]) for l in self.langs}}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "train_conversations"):
-            if state[key] != mine[key]:
-                raise ValueError(f"data state was saved with {key}={state[key]}, this run has {key}={mine[key]}; "
-                                 f"resume with the same data, seq_len and seed")
-        if set(state["mix"]) != set(self.mix) or any(
-                not math.isclose(state["mix"][l], self.mix[l], rel_tol=1e-9) for l in self.langs):
-            raise ValueError(f"data state was saved with mix {state['mix']}, this run has {self.mix}; "
-                             f"resume with the same mix")
-        if sum(state["counts"].values()) != state["position"]:
-            raise ValueError(f"corrupt data state: counts {state['counts']} do not sum to position {state['position']}")
-        self.position = state["position"]
-        self.counts = {l: state["counts"][l] for l in self.langs}
-        self._groups.clear()
-
     def _draw(self) -> tuple[str, int]:
-        lang = next_language(self.position + 1, self.counts, self._weight, self._total)
+        lang, epoch, i = self._next()
         conversations = self.train[lang]
-        epoch, i = divmod(self.counts[lang], len(conversations))
         start = i - i % LENGTH_GROUP
         key = (epoch, start)
         cached = self._groups.get(lang)
@@ -258,8 +226,6 @@ class ChatSource:
             group = epoch_order(self.seed, lang, epoch, len(conversations))[start:start + LENGTH_GROUP]
             cached = (key, group[np.argsort(conversations.lengths[group], kind="stable")])
             self._groups[lang] = cached
-        self.counts[lang] += 1
-        self.position += 1
         return lang, int(cached[1][i - start])
 
 

@@ -332,40 +332,93 @@ def epoch_order(seed: int, lang: str, epoch: int, size: int) -> np.ndarray:
 
 # ---- the mixture sampler ----
 
-class MixtureSampler:
-    """An endless global stream of training windows shared by all ranks, defined by (corpora, mix, seed) alone.
+class LanguageMix:
+    """The language schedule shared by the pretraining and chat streams: an endless global stream of items, defined
+    by (items per language, mix, seed) alone, identical on every rank.
 
-    Language schedule: item n (1-based) goes to the language whose next sequence is due soonest (earliest
-    deadline) among those not ahead of their share, so after every prefix of n items each language has
-    count within one sequence of n * share (a plain largest-deficit rule drifts past one with 4+ languages).
-    Every sequence has seq_len target tokens, so these are exact token proportions. Ties go to the language first
-    in sorted order.
-    Within a language: epoch e visits every training window once, in a permutation seeded by (seed, lang, e).
-    Ranks: rank r of world_size w takes global items r, r + w, r + 2w, ... (strided). One micro-batch of B
-    per rank consumes the next B * w global items, so w ranks at micro-batch B see together exactly the items a
-    single process sees at micro-batch B * w.
-    """
+    Item n (1-based) goes to the language whose next item is due soonest (earliest deadline) among those not ahead
+    of their share, so after every prefix of n items each language has count within one item of n * share (a plain
+    largest-deficit rule drifts past one with 4+ languages). Ties go to the language first in sorted order.
+    Subclasses say how many training items each language has (`_sizes`) and what an item is."""
 
-    def __init__(self, corpora: dict[str, Corpus], mix: dict[str, float], seed: int, rank: int = 0,
-                 world_size: int = 1):
-        if set(mix) != set(corpora):
-            raise ValueError(f"mix languages {sorted(mix)} differ from corpus languages {sorted(corpora)}")
-        if len({c.seq_len for c in corpora.values()}) != 1:
-            raise ValueError(f"corpora have different seq_len: { {l: c.seq_len for l, c in corpora.items()} }")
+    _size_key = "train_items"  # how state_dict names the per-language sizes
+
+    def __init__(self, langs: Iterable[str], mix: dict[str, float], seed: int, rank: int, world_size: int):
+        self.langs = sorted(langs)
+        if set(mix) != set(self.langs):
+            raise ValueError(f"mix languages {sorted(mix)} differ from data languages {self.langs}")
         if seed < 0:
             raise ValueError(f"seed={seed}; expected a non-negative integer")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} with world_size={world_size}; expected 0 <= rank < world_size")
-        self.corpora, self.seed, self.rank, self.world_size = corpora, seed, rank, world_size
-        self.langs = sorted(corpora)
-        self.seq_len = next(iter(corpora.values())).seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         total = sum(mix.values())
         self.mix = {l: mix[l] / total for l in self.langs}  # normalised shares
         self._weight = integer_weights({l: mix[l] for l in self.langs})
         self._total = sum(self._weight.values())
         self.position = 0  # global items drawn so far (all ranks together)
         self.counts = {l: 0 for l in self.langs}  # global items drawn so far per language
+
+    def _sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    @property
+    def epochs(self) -> dict[str, float]:
+        """Passes over each language's training items so far (global stream)."""
+        sizes = self._sizes()
+        return {l: self.counts[l] / sizes[l] for l in self.langs}
+
+    def _next(self) -> tuple[str, int, int]:
+        """Advance the stream by one item: (language, epoch, index within that epoch's order)."""
+        lang = next_language(self.position + 1, self.counts, self._weight, self._total)
+        epoch, i = divmod(self.counts[lang], self._sizes()[lang])
+        self.counts[lang] += 1
+        self.position += 1
+        return lang, epoch, i
+
+    def state_dict(self) -> dict:
+        """Position in the global stream (the same on every rank), plus what must match on resume."""
+        return {"position": self.position, "counts": dict(self.counts), "seed": self.seed, "mix": dict(self.mix),
+                self._size_key: self._sizes()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", self._size_key):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"data state was saved with {key}={state.get(key)}, this run has {key}={mine[key]}; "
+                                 f"resume with the same data, seq_len and seed")
+        if set(state["mix"]) != set(self.mix) or any(
+                not math.isclose(state["mix"][l], self.mix[l], rel_tol=1e-9) for l in self.langs):
+            raise ValueError(f"data state was saved with mix {state['mix']}, this run has {self.mix}; "
+                             f"resume with the same mix")
+        if sum(state["counts"].values()) != state["position"]:
+            raise ValueError(f"corrupt data state: counts {state['counts']} do not sum to position {state['position']}")
+        self.position = state["position"]
+        self.counts = {l: state["counts"][l] for l in self.langs}
+
+
+class MixtureSampler(LanguageMix):
+    """The pretraining stream: items are training windows of seq_len + 1 tokens, so the mix is exact in tokens.
+
+    Within a language: epoch e visits every training window once, in a permutation seeded by (seed, lang, e).
+    Ranks: rank r of world_size w takes global items r, r + w, r + 2w, ... (strided). One micro-batch of B
+    per rank consumes the next B * w global items, so w ranks at micro-batch B see together exactly the items a
+    single process sees at micro-batch B * w.
+    """
+
+    _size_key = "train_sequences"
+
+    def __init__(self, corpora: dict[str, Corpus], mix: dict[str, float], seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if len({c.seq_len for c in corpora.values()}) != 1:
+            raise ValueError(f"corpora have different seq_len: { {l: c.seq_len for l, c in corpora.items()} }")
+        super().__init__(corpora, mix, seed, rank, world_size)
+        self.corpora = corpora
+        self.seq_len = next(iter(corpora.values())).seq_len
         self._perms: dict[str, tuple[int, np.ndarray]] = {}  # lang -> (epoch, permutation of its windows)
+
+    def _sizes(self) -> dict[str, int]:
+        return {l: self.corpora[l].num_train for l in self.langs}
 
     def next_batch(self, batch_size: int) -> Batch:
         """This rank's next micro-batch of `batch_size` sequences (advances the global stream by batch_size * world)."""
@@ -388,42 +441,12 @@ class MixtureSampler:
             idx = range(s, min(s + batch_size, corpus.num_val))
             yield _batch([corpus.val_window(i) for i in idx], [lang] * len(idx))
 
-    @property
-    def epochs(self) -> dict[str, float]:
-        """Passes over each language's training windows so far (global stream), for logging."""
-        return {l: self.counts[l] / self.corpora[l].num_train for l in self.langs}
-
-    def state_dict(self) -> dict:
-        """Position in the global stream (the same on every rank), plus what must match on resume."""
-        return {"position": self.position, "counts": dict(self.counts), "seed": self.seed, "mix": dict(self.mix),
-                "train_sequences": {l: self.corpora[l].num_train for l in self.langs}}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "train_sequences"):
-            if state[key] != mine[key]:
-                raise ValueError(f"data state was saved with {key}={state[key]}, this run has {key}={mine[key]}; "
-                                 f"resume with the same data, seq_len and seed")
-        if set(state["mix"]) != set(self.mix) or any(
-                not math.isclose(state["mix"][l], self.mix[l], rel_tol=1e-9) for l in self.langs):
-            raise ValueError(f"data state was saved with mix {state['mix']}, this run has {self.mix}; "
-                             f"resume with the same mix")
-        if sum(state["counts"].values()) != state["position"]:
-            raise ValueError(f"corrupt data state: counts {state['counts']} do not sum to position {state['position']}")
-        self.position = state["position"]
-        self.counts = {l: state["counts"][l] for l in self.langs}
-        self._perms.clear()
-
     def _draw(self) -> tuple[str, int]:
-        lang = next_language(self.position + 1, self.counts, self._weight, self._total)
-        corpus = self.corpora[lang]
-        epoch, i = divmod(self.counts[lang], corpus.num_train)
+        lang, epoch, i = self._next()
         cached = self._perms.get(lang)
         if cached is None or cached[0] != epoch:
-            cached = (epoch, epoch_order(self.seed, lang, epoch, corpus.num_train))
+            cached = (epoch, epoch_order(self.seed, lang, epoch, self.corpora[lang].num_train))
             self._perms[lang] = cached
-        self.counts[lang] += 1
-        self.position += 1
         return lang, int(cached[1][i])
 
 

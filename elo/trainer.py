@@ -36,6 +36,7 @@ class BatchSource(Protocol):
     """What the loop draws batches from (elo.data.MixtureSampler, the SFT chat source)."""
 
     langs: list[str]
+    epochs: dict[str, float]  # passes over each language's training data so far
 
     def next_batch(self, batch_size: int) -> Batch: ...
     def val_batches(self, lang: str, batch_size: int) -> Iterator[Batch]: ...
@@ -259,6 +260,9 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
                         print(f"stopped at step {step}/{cfg.max_steps}; checkpoint {path}. Continue with the same "
                               f"command plus --resume", file=sys.stderr, flush=True)
                     raise SystemExit(130)
+    if d.main:
+        print(f"trained {step} steps, {tokens:,} tokens in {timer.elapsed():,.0f}s; data epochs: "
+              + ", ".join(f"{l} {e:.3f}" for l, e in source.epochs.items()), flush=True)
     return {"steps": step, "tokens": tokens, "seconds": timer.elapsed()}
 
 
