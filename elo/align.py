@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elo.builders import add_lora_spec, full_spec, materialize, spliced_spec, train_only_layers
+from elo.builders import LoRAOptions, full_spec, materialize, spliced_spec, train_only_layers
 from elo.checkpoint import load_config
 from elo.cli import option
 from elo.pretrain import TextDataConfig, check_context, normalize_model, parse_config
@@ -26,7 +26,7 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 
 @dataclass(kw_only=True)
-class AlignConfig(LoopConfig, TextDataConfig):
+class AlignConfig(LoopConfig, TextDataConfig, LoRAOptions):
     elo: str = field(metadata=option("a train.py ELO run directory, or an ELO submodel directory"))
     base: str | None = field(default=None, metadata=option("the base model (default: the one the submodel records)"))
     tokens: str | None = field(default=None, metadata=option(
@@ -37,8 +37,6 @@ class AlignConfig(LoopConfig, TextDataConfig):
     lr: float = field(default=2e-5, metadata=option("peak learning rate"))
     train_layers: str | None = field(default=None, metadata=option(
         "train only these 1-based decoder layers (all still compute), e.g. 1,2,29,30; default: the whole model"))
-    lora_rank: int = field(default=0, metadata=option("align with LoRA adapters of this rank instead"))
-    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
     cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
     save_spliced: bool = field(default=False, metadata=option("also write the spliced model, before alignment, to "
                                                              "--out/spliced (streamed)"))
@@ -133,12 +131,10 @@ def align(cfg: AlignConfig) -> Path:
     spec = spliced_spec(cfg.base, elo.submodel)
     if cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)
-    if cfg.lora_rank < 0:
-        raise ValueError(f"--lora-rank {cfg.lora_rank}: expected 0 (off) or a positive integer")
-    if cfg.lora_rank:
-        if cfg.train_layers:
-            raise ValueError("--lora-rank and --train-layers are alternatives; give one")
-        spec = add_lora_spec(spec, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.seed)
+    cfg.validate_lora()
+    if cfg.lora_rank and cfg.train_layers:
+        raise ValueError("--lora-rank and --train-layers are alternatives; give one")
+    spec = cfg.with_lora(spec, cfg.seed)
     tokenizer = load_tokenizer(cfg.base)
     continuing = continues_elo_stream(cfg, elo.run)
     steps = cfg.max_steps
@@ -168,9 +164,8 @@ def align(cfg: AlignConfig) -> Path:
                   "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens,
                   "continued_elo_stream": continuing, "train_layers": cfg.train_layers, "lora_rank": cfg.lora_rank,
                   "data_digests": _digests(cfg.data)}
-    scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.lora_rank else None
     return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], "align",
-                     provenance, before_training, scale)
+                     provenance, before_training)
 
 
 def _digests(data: dict[str, list[str]]) -> dict[str, str]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from elo import distributed
+from elo.cli import option
 from elo.checkpoint import CheckpointReader, disk_name, load_config, resolve
 from elo.config import ModelConfig
 from elo.files import atomic_dir
@@ -125,6 +126,25 @@ def add_lora_spec(spec: ModelSpec, rank: int, alpha: float, seed: int) -> ModelS
                 spec.sources[f"{prefix}.lora_A"] = TensorSource(init=_kaiming(rank, in_f, seed, prefix))
                 spec.sources[f"{prefix}.lora_B"] = TensorSource(init=lambda o=out_f: torch.zeros(o, rank))
     return spec
+
+
+@dataclass(kw_only=True)
+class LoRAOptions:
+    """The LoRA options of a stage's config (train.py's baseline, low-memory alignment, SFT)."""
+    lora_rank: int = field(default=0, metadata=option("train LoRA adapters of this rank on every decoder linear "
+                                                      "instead of the weights (0: off)"))
+    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
+
+    def validate_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank {self.lora_rank}: expected 0 (off) or a positive integer")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha {self.lora_alpha}: expected a positive number")
+
+    def with_lora(self, spec: ModelSpec, seed: int) -> ModelSpec:
+        if not self.lora_rank:
+            return spec
+        return add_lora_spec(spec, self.lora_rank, self.lora_alpha or 2 * self.lora_rank, seed)
 
 
 def _kaiming(rows: int, cols: int, seed: int, name: str) -> Callable[[], Tensor]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elo import distributed
-from elo.builders import ModelSpec, add_lora_spec, elo_spec, full_spec
+from elo.builders import LoRAOptions, ModelSpec, elo_spec, full_spec
 from elo.checkpoint import load_config, resolve
 from elo.cli import ArgumentParser, add_dataclass_options, option
 from elo.data import build_dataset, parse_data, parse_mix
@@ -59,12 +59,10 @@ class TextDataConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig(LoopConfig, TextDataConfig):
+class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
     model: str = field(default=DEFAULT_MODEL, metadata=option("HF model directory, hub id, or the offline default"))
     layers: str = field(default="1,-1", metadata=option("1-based decoder layers to detach and train (ELO), e.g. "
                                                        "1,32; 'all': full fine-tuning"))
-    lora_rank: int = field(default=0, metadata=option("train LoRA adapters of this rank on the whole model instead"))
-    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
     train_embeddings: bool = field(default=False, metadata=option("ELO: also train embedding, final norm and head"))
 
     @property
@@ -77,10 +75,7 @@ class TrainConfig(LoopConfig, TextDataConfig):
         super().validate()
         self.validate_data(self.seq_len)
         self.model = normalize_model(self.model)
-        if self.lora_rank < 0:
-            raise ValueError(f"--lora-rank {self.lora_rank}: expected 0 (off) or a positive integer")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"--lora-alpha {self.lora_alpha}: expected a positive number")
+        self.validate_lora()
         if self.mode == "lora" and self.layers not in ("all", "1,-1"):
             raise ValueError(f"--lora-rank trains adapters on every layer; drop --layers {self.layers} or use 'all'")
 
@@ -90,10 +85,7 @@ class TrainConfig(LoopConfig, TextDataConfig):
             if self.layers == "all":
                 raise ValueError("--layers all is full fine-tuning")
             return elo_spec(self.model, self.layers, self.train_embeddings)
-        spec = full_spec(self.model)
-        if self.mode == "lora":
-            spec = add_lora_spec(spec, self.lora_rank, self.lora_alpha or 2 * self.lora_rank, self.seed)
-        return spec
+        return self.with_lora(full_spec(self.model), self.seed)
 
 
 def normalize_model(model: str) -> str:
@@ -136,11 +128,10 @@ def train(cfg: TrainConfig) -> Path:
     check_context(cfg.seq_len, cfg.model)
     spec = cfg.model_spec()
     tokenizer = load_tokenizer(cfg.model)
-    scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.mode == "lora" else None
     provenance = {"stage": "pretrain", "mode": cfg.mode, "model": cfg.model, "layers": cfg.layers, "data": cfg.data,
                   "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens}
     return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], cfg.mode,
-                     provenance, lora_scale=scale)
+                     provenance)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elo import distributed
-from elo.builders import add_lora_spec, full_spec
+from elo.builders import LoRAOptions, full_spec
 from elo.cli import option
 from elo.data import parse_mix
 from elo.files import MARKER
@@ -20,7 +20,7 @@ from elo.trainer import LoopConfig, check_run_dir, run_stage
 
 
 @dataclass(kw_only=True)
-class SFTConfig(LoopConfig):
+class SFTConfig(LoopConfig, LoRAOptions):
     model: str = field(metadata=option("the model to tune: align.py's output (runs/align-ko/model), a directory or "
                                       "a hub id"))
     data: dict[str, list[str]] = field(default_factory=dict, metadata=option(
@@ -34,8 +34,6 @@ class SFTConfig(LoopConfig):
     max_steps: int = field(default=0, metadata=option("optimizer steps (or give --epochs)"))
     lr: float = field(default=1e-5, metadata=option("peak learning rate"))
     warmup_steps: int = field(default=10, metadata=option("linear warmup steps"))
-    lora_rank: int = field(default=0, metadata=option("tune LoRA adapters of this rank instead of every weight"))
-    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
     chat_vector_base: str | None = field(default=None, metadata=option(
         "add the chat vector (instruct - base) first: the pretrained model it comes from"))
     chat_vector_instruct: str | None = field(default=None, metadata=option("... and its instruct model"))
@@ -53,8 +51,7 @@ class SFTConfig(LoopConfig):
             raise ValueError("a chat vector needs both --chat-vector-base and --chat-vector-instruct")
         if not math.isfinite(self.chat_vector_ratio):
             raise ValueError(f"--chat-vector-ratio {self.chat_vector_ratio}: expected a finite number")
-        if self.lora_rank < 0:
-            raise ValueError(f"--lora-rank {self.lora_rank}: expected 0 (off) or a positive integer")
+        self.validate_lora()
         if self.val_conversations is not None and self.val_conversations < 1:
             raise ValueError(f"--val-conversations {self.val_conversations}: expected a positive integer")
         saved_steps, self.max_steps = self.max_steps, self.max_steps or 1  # checked once known
@@ -97,18 +94,14 @@ def sft(cfg: SFTConfig) -> Path:
                   f"{cfg.chat_vector_base}) -> {model_dir}", flush=True)
             add_chat_vector(cfg.model, cfg.chat_vector_base, cfg.chat_vector_instruct, model_dir,
                             cfg.chat_vector_ratio)
-    spec = full_spec(model_dir) if not cfg.chat_vector_base else None
-    if spec is not None and cfg.lora_rank:
-        spec = add_lora_spec(spec, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.seed)
+    spec = cfg.with_lora(full_spec(model_dir), cfg.seed) if not cfg.chat_vector_base else None
     mix = parse_mix(cfg.mix) if cfg.mix else None
 
     def build_source(d: distributed.Dist):
         nonlocal spec
         if spec is None:  # the chat-vector model: written by rank 0 above, visible to all after this barrier
             distributed.barrier(d)
-            spec = full_spec(model_dir)
-            if cfg.lora_rank:
-                spec = add_lora_spec(spec, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.seed)
+            spec = cfg.with_lora(full_spec(model_dir), cfg.seed)
         source, info = build_chat_source(cfg.data, load_tokenizer(model_dir), cfg.seq_len, mix, cfg.seed, d.rank,
                                          d.world_size, cfg.val_conversations)
         if cfg.epochs is not None:
@@ -123,8 +116,7 @@ def sft(cfg: SFTConfig) -> Path:
     provenance = {"stage": "sft", "model": cfg.model, "chat_vector": {
         "base": cfg.chat_vector_base, "instruct": cfg.chat_vector_instruct, "ratio": cfg.chat_vector_ratio}
         if cfg.chat_vector_base else None, "data": cfg.data, "mix": cfg.mix, "seed": cfg.seed, "seq_len": cfg.seq_len}
-    scale = (cfg.lora_alpha or 2 * cfg.lora_rank) / cfg.lora_rank if cfg.lora_rank else None
-    return run_stage(cfg, lambda: spec, build_source, "sft", provenance, lora_scale=scale)
+    return run_stage(cfg, lambda: spec, build_source, "sft", provenance)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -267,7 +267,7 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
 
 
 def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance: dict,
-              before_training=None, lora_scale: float | None = None) -> Path:
+              before_training=None) -> Path:
     """Everything a stage does once its options are checked: join the process group, build the batch source
     (`build_source(d)`) and then the model (`model_spec()`, an elo.builders.ModelSpec; sharded), train, and export the model with a provenance record
     (`elo_run.json`: `provenance` plus tokens, steps, seconds and the data position).
@@ -282,7 +282,8 @@ def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance:
     d = distributed.init()
     try:
         source = build_source(d)
-        model = materialize(model_spec(), d, cfg.activation_checkpointing, cfg.compile, getattr(cfg, "cpu_offload", False))
+        spec = model_spec()
+        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, getattr(cfg, "cpu_offload", False))
         flops = train_flops_per_token(model, cfg.seq_len)
         fresh = not (cfg.resume and run.complete_checkpoints())
         extra = before_training(model, source, d, fresh) if before_training else None
@@ -295,7 +296,7 @@ def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance:
         def write_provenance(tmp):
             atomic_write_text(tmp / "elo_run.json", json.dumps(record, indent=2) + "\n")
 
-        export(model, run.model, d, lora_scale, write_provenance)
+        export(model, run.model, d, spec.lora[1] / spec.lora[0] if spec.lora else None, write_provenance)
         if d.main:
             print(f"saved {label} model to {run.model}", flush=True)
         return run.model
