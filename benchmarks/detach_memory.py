@@ -16,40 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, peak_rss_bytes  # noqa: E402
+from benchmarks.common import machine, peak_rss_bytes, synthetic_llama  # noqa: E402
 
 
 def build(directory: Path, size_gb: float) -> None:
-    from elo.checkpoint import write_config, write_shards
-    from elo.config import ModelConfig
-
     hidden, inter, vocab = 2048, 5632, 32000
     per_layer = 4 * (2 * hidden * hidden + 2 * hidden * 256 + 3 * hidden * inter)
     layers = max(2, int((size_gb * 1e9 - 2 * 4 * vocab * hidden) / per_layer))
-    config = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
-                                  "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
-                                  "num_key_value_heads": 2})
-
-    def tensors():
-        g = torch.Generator().manual_seed(0)
-        yield "model.embed_tokens.weight", torch.randn(vocab, hidden, generator=g)
-        for i in range(layers):
-            p = f"model.layers.{i}."
-            for name, shape in (("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (256, hidden)),
-                                ("self_attn.v_proj", (256, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-                                ("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)),
-                                ("mlp.down_proj", (hidden, inter))):
-                yield p + name + ".weight", torch.randn(shape, generator=g)
-            yield p + "input_layernorm.weight", torch.ones(hidden)
-            yield p + "post_attention_layernorm.weight", torch.ones(hidden)
-        yield "model.norm.weight", torch.ones(hidden)
-        yield "lm_head.weight", torch.randn(vocab, hidden, generator=g)
-
-    write_shards(tensors(), directory, max_shard_bytes=500_000_000)
-    write_config(config, torch.float32, directory)
+    synthetic_llama(directory, layers, hidden, inter, vocab, max_shard_bytes=500_000_000)
 
 
 def worker(src: str, out: str, layers: str) -> dict:

@@ -136,7 +136,7 @@ def speed_rows(cuda: bool, directory: Path, steps: int, seq_len: int, batch: int
         tok_s = batch * seq_len / dt
         mfu = train_flops_per_token(model, seq_len) * tok_s / peak
         rows.append((f"train {label}", "measured", f"{tok_s:,.0f} tok/s, MFU {mfu:.1%} of {peak_text}"))
-        del model, optimizer
+        model = optimizer = None  # free before the next mode
         if cuda:
             torch.cuda.empty_cache()
     return rows

@@ -20,10 +20,9 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, synthetic_llama  # noqa: E402
 
 
 def anon_bytes() -> int:
@@ -50,51 +49,6 @@ class PeakAnon:
     def read(self) -> int:
         self.peak = max(self.peak, anon_bytes() - self.base)
         return self.peak
-
-
-def write_checkpoint(directory: Path, layers: int, hidden: int, vocab: int, shard_bytes: int) -> int:
-    """A random Llama checkpoint in HF layout, one shard in memory at a time; returns its size in bytes."""
-    from safetensors.torch import save_file
-
-    inter = int(hidden * 2.75) // 64 * 64
-    heads, kv = hidden // 64, max(1, hidden // 256)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv, "head_dim": 64, "vocab_size": vocab, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32"}
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (heads * 64, hidden), p + "self_attn.k_proj.weight": (kv * 64, hidden),
-                   p + "self_attn.v_proj.weight": (kv * 64, hidden), p + "self_attn.o_proj.weight": (hidden, heads * 64),
-                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                   p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-                   p + "post_attention_layernorm.weight": (hidden,)}
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    directory.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    shards, shard, size, total = [], {}, 0, 0
-    for name, shape in shapes.items():
-        t = torch.randn(shape, generator=g) * 0.02
-        if size and size + t.numel() * 4 > shard_bytes:
-            shards.append(shard)
-            save_file(shard, directory / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
-            shard, size = {}, 0
-        shard[name] = t
-        size += t.numel() * 4
-        total += t.numel() * 4
-    shards.append(shard)
-    save_file(shard, directory / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
-    n = len(shards)
-    weight_map = {}
-    for i, names in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{n:05d}.safetensors"
-        os.replace(directory / f"part-{i}.safetensors", directory / file)
-        weight_map |= dict.fromkeys(names, file)
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                        "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(config))
-    return total
 
 
 def worker(directory: Path, out: Path) -> None:
@@ -138,7 +92,8 @@ def main() -> None:
         return whole_load(ckpt)
     print(f"machine: {machine()}", flush=True)
     shutil.rmtree(a.dir, ignore_errors=True)
-    size = write_checkpoint(ckpt, a.layers, a.hidden, a.vocab, int(a.shard_gb * 1e9))
+    size = synthetic_llama(ckpt, a.layers, a.hidden, int(a.hidden * 2.75) // 64 * 64, a.vocab,
+                           max_shard_bytes=int(a.shard_gb * 1e9))
     largest_in = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     print(f"checkpoint: {size / 1e9:.2f} GB fp32 in {len(list(ckpt.glob('*.safetensors')))} shards", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -151,7 +106,7 @@ def main() -> None:
                                       capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     largest_out = max(f.stat().st_size for f in out.glob("*.safetensors"))
     print("\n| process | load peak GB | % of checkpoint | save peak GB | own shards GB | largest output shard GB | "
-          f"save goal (own + largest shard) GB |\n|---|---|---|---|---|---|---|")
+          "save goal (own + largest shard) GB |\n|---|---|---|---|---|---|---|")
     for r in ranks:
         print(f"| rank {r['rank']} of 2 | {r['load_peak'] / 1e9:.2f} | {r['load_peak'] / size:.0%} | "
               f"{r['save_peak'] / 1e9:.2f} | {r['own_shards'] / 1e9:.2f} | {largest_out / 1e9:.2f} | "

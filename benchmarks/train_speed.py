@@ -143,8 +143,8 @@ def main() -> None:
             print(f"  {impl:12} {mode:7} {r['step_s']:.2f} s/step  {[round(t, 2) for t in r['times']]}", flush=True)
     tokens = a.batch_size * a.seq_len
     flops = {m: results["elo", m]["flops_per_token"] for m in modes}
-    print(f"\n| mode | impl | step s | tokens/s | peak RSS GB | trainable params | GFLOP/token | GFLOP/s | "
-          f"speedup vs FFT | FLOP bound | fraction of bound |")
+    print("\n| mode | impl | step s | tokens/s | peak RSS GB | trainable params | GFLOP/token | GFLOP/s | "
+          "speedup vs FFT | FLOP bound | fraction of bound |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         for impl in a.impls.split(","):

@@ -201,21 +201,26 @@ def _gathered(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float | None = None,
            extra: Callable[[Path], None] | None = None) -> Path:
     """Write the trained model as an HF checkpoint (LoRA merged), streaming one gathered tensor at a time to the
-    main process, which holds at most one output shard. `extra(tmp)` adds files (e.g. provenance)."""
+    main process, which writes it straight into its output shard: no process holds more than its own shards and
+    one full tensor. `extra(tmp)` adds files (e.g. provenance)."""
     from elo.checkpoint import copy_side_files, write_config, write_shards
 
     config = model.config
     dtype = model.model.embed_tokens.weight.dtype
 
+    merged = lora_scale is not None  # adapters fold into their weights: x.weight += scale * x.lora_B @ x.lora_A
+    layout = [(disk_name(n, config), tuple(p.shape), p.dtype) for n, p in model.named_parameters()
+              if not (merged and n.endswith((".lora_A", ".lora_B")))]
+
     def tensors() -> Iterator[tuple[str, Tensor]]:
         pending: dict[str, Tensor] = {}
         for name, t in _gathered(model):
-            if lora_scale is not None and name.endswith((".lora_A", ".lora_B", ".weight")) and _is_lora(model, name):
+            if merged and _is_lora(model, name) and name.endswith((".lora_A", ".lora_B", ".weight")):
                 pending[name] = t
                 prefix = name.rsplit(".", 1)[0]
                 if all(f"{prefix}.{k}" in pending for k in ("weight", "lora_A", "lora_B")):
-                    w, a, b = (pending.pop(f"{prefix}.{k}") for k in ("weight", "lora_A", "lora_B"))
-                    yield disk_name(f"{prefix}.weight", config), (w.float() + lora_scale * (b.float() @ a.float())).to(w.dtype).cpu()
+                    w, a, b = (pending.pop(f"{prefix}.{k}").float() for k in ("weight", "lora_A", "lora_B"))
+                    yield disk_name(f"{prefix}.weight", config), (w + lora_scale * (b @ a)).to(t.dtype).cpu()
                 continue
             yield disk_name(name, config), t.cpu()
 
@@ -226,7 +231,7 @@ def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float
         return out
 
     def fill(tmp: Path) -> None:
-        write_shards(tensors(), tmp)
+        write_shards(layout, tensors(), tmp)
         write_config(config, dtype, tmp)
         copy_side_files(resolve(model.name_or_path), tmp)
         if extra is not None:

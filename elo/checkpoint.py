@@ -7,10 +7,12 @@ a tensor only when asked for it, so taking two layers out of a 70B checkpoint re
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -112,6 +114,11 @@ class CheckpointReader:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a tensor, read from the file header alone."""
+        sl = self._open(name).get_slice(name)
+        return tuple(sl.get_shape()), _TORCH_DTYPES[sl.get_dtype()]
+
     def get_slice(self, name: str, start: int, stop: int) -> Tensor:
         """Rows start:stop of a tensor (dim 0), reading only those: how a process loads its own shard."""
         t = self._open(name).get_slice(name)[start:stop]
@@ -175,35 +182,55 @@ def write_config(config: ModelConfig, dtype: torch.dtype, directory: Path) -> No
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
 
 
-def write_shards(tensors: Iterable[tuple[str, Tensor]], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write (name, tensor) pairs as HF safetensors shards plus index (a single file when it fits), holding at most
-    one shard in memory: shards are written as they fill and renamed once their count is known."""
-    files: list[tuple[Path, list[str]]] = []
-    shard: dict[str, Tensor] = {}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+Layout = list[tuple[str, tuple[int, ...], torch.dtype]]  # (name, shape, dtype) of each tensor, in writing order
+
+
+def _write_shard(path: Path, layout: Layout, tensors: Iterator[tuple[str, Tensor]]) -> None:
+    """One safetensors file, written as the tensors arrive: the header first (it needs only names, shapes and
+    dtypes), then each tensor's bytes, so only the tensor being written is in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in layout:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, shape, dtype in layout:
+            got, t = next(tensors)
+            if got != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"expected tensor {name} {tuple(shape)} {dtype}, got {got} {tuple(t.shape)} {t.dtype}")
+            f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def write_shards(layout: Layout, tensors: Iterable[tuple[str, Tensor]], directory: Path,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write the tensors of `layout`, arriving from `tensors` in the same order, as HF safetensors shards plus index
+    (a single file when it fits). Streamed: memory holds one tensor, never a shard."""
+    shards: list[Layout] = [[]]
     size = total = 0
-
-    def flush() -> None:
-        path = directory / f".shard-{len(files):05d}"
-        save_file(shard, path, metadata={"format": "pt"})
-        files.append((path, list(shard)))
-
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-            shard, size = {}, 0
-        shard[name] = t.detach().to("cpu").contiguous()
+    for name, shape, dtype in layout:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype))
         size += nbytes
         total += nbytes
-    flush()
-    if len(files) == 1:
-        os.replace(files[0][0], directory / WEIGHTS_NAME)
+    stream = iter(tensors)
+    if len(shards) == 1:
+        _write_shard(directory / WEIGHTS_NAME, shards[0], stream)
         return
     weight_map = {}
-    for i, (path, names) in enumerate(files, 1):
-        file = f"model-{i:05d}-of-{len(files):05d}.safetensors"
-        os.replace(path, directory / file)
-        weight_map.update(dict.fromkeys(names, file))
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(directory / file, shard, stream)
+        weight_map.update(dict.fromkeys((name for name, _, _ in shard), file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
@@ -245,7 +272,8 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
     dtype = model.model.embed_tokens.weight.dtype
 
     def fill(tmp: Path) -> None:
-        write_shards(((disk_name(n, config), t) for n, t in state.items()), tmp, max_shard_bytes)
+        layout = [(disk_name(n, config), tuple(t.shape), t.dtype) for n, t in state.items()]
+        write_shards(layout, ((disk_name(n, config), t) for n, t in state.items()), tmp, max_shard_bytes)
         write_config(config, dtype, tmp)
         copy_side_files(source_dir, tmp)
 

@@ -145,7 +145,8 @@ def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: 
     dtype = reader.get_rows("model.embed_tokens.weight", 1).dtype
 
     def fill(tmp: Path) -> None:
-        write_shards(((disk_name(n, config), reader.get(n)) for n in names), tmp)
+        layout = [(disk_name(n, config), *reader.info(n)) for n in names]
+        write_shards(layout, ((disk_name(n, config), reader.get(n)) for n in names), tmp)
         write_config(config, dtype, tmp)
         copy_side_files(reader.directory, tmp)
 
