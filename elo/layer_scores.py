@@ -70,8 +70,9 @@ def layer_scores(model: Transformer, data: Mapping[str, Iterable[Tensor] | Itera
     influence, means, tokens = {}, {}, {}
     for lang in (target, reference):
         batches = text_windows(data[lang], tokenizer, seq_len) if tokenizer is not None else data[lang]
-        cos = torch.zeros(len(keys), dtype=torch.float64)
-        unit = torch.zeros(len(keys), 2, model.config.hidden_size, dtype=torch.float64)  # Σ u_in, Σ u_out
+        device = model.model.embed_tokens.weight.device
+        cos = torch.zeros(len(keys), dtype=torch.float64, device=device)
+        unit = torch.zeros(len(keys), 2, model.config.hidden_size, dtype=torch.float64, device=device)  # Σ u_in, u_out
         n = 0
         for batch in batches:
             if isinstance(batch, str):
@@ -79,14 +80,14 @@ def layer_scores(model: Transformer, data: Mapping[str, Iterable[Tensor] | Itera
             states = layer_states(model, batch, keys)
             for i, key in enumerate(keys):
                 h_in, h_out = (h.double().flatten(0, 1) for h in states[key])
-                cos[i] += F.cosine_similarity(h_in, h_out, dim=-1).sum().cpu()
-                unit[i, 0] += F.normalize(h_in, dim=-1).sum(0).cpu()
-                unit[i, 1] += F.normalize(h_out, dim=-1).sum(0).cpu()
+                cos[i] += F.cosine_similarity(h_in, h_out, dim=-1).sum()
+                unit[i, 0] += F.normalize(h_in, dim=-1).sum(0)
+                unit[i, 1] += F.normalize(h_out, dim=-1).sum(0)
             n += len(h_in)
         if n == 0:
             raise ValueError(f"no tokens for language {lang!r}")
         influence[lang], means[lang], tokens[lang] = (1 - cos / n).tolist(), unit / n, n
-    mu_a, mu_b = means[target], means[reference]
+    mu_a, mu_b = means[target].cpu(), means[reference].cpu()
     spread = 1 - (mu_a.pow(2).sum(-1) + mu_b.pow(2).sum(-1)) / 2
     sep = (mu_a - mu_b).pow(2).sum(-1) / spread  # (layer, in/out)
     shift = (sep[:, 1] - sep[:, 0]).tolist()

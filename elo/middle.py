@@ -4,8 +4,8 @@ In an ELO submodel holding layers 1 and 30, layer 30 reads layer 1's output dire
 layers 2..29 made of it. `fit_middle` runs the full base model over N tokens and fits, for each gap between
 consecutive chosen layers, a ridge least-squares map with bias from the hidden state after the lower layer to the
 hidden state entering the upper one. `attach_middle` puts the maps, frozen, into the submodel (`Transformer.middle`),
-which applies each before the upper layer. The fit streams: it accumulates [X 1]ᵀ[X 1] and [X 1]ᵀY in fp64 (memory
-about 2 d² per gap and split, never N × d) and solves once.
+which applies each before the upper layer. The fit streams: it accumulates [X 1]ᵀ[X 1] and [X 1]ᵀY in fp64 (about
+2 d² numbers per gap for the fitted tokens and as many for the held-out ones, never N × d) and solves once.
 
 Feeding it from the training mixture (elo.data.MixtureSampler), with a sampler of its own so that training's stream
 is untouched:
@@ -107,7 +107,7 @@ class _Moments:
 
 
 def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | str,
-               data: Iterable[Tensor] | Iterable[str], tokens: int, kind: str = "linear", ridge: float = 1e-3,
+               data: Iterable[Tensor] | Iterable[str], tokens: int, kind: str = "linear", ridge: float = 1e-2,
                held_out: int | None = None, tokenizer: TextTokenizer | None = None, seq_len: int = 512,
                device: str | torch.device = "cpu") -> MiddleSurrogate:
     """Fit the surrogate of the layers between `layers` (1-based, as for `detach`) of the full model `model` (a
@@ -174,7 +174,7 @@ def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | s
              "gaps": [[lo + 1, hi + 1] for lo, hi in gaps], "r2": r2, "hidden_size": d,
              "fingerprint": fingerprint(model.model.norm.weight, model.model.embed_tokens.weight[:4]),
              "base": model.name_or_path, "seconds": time.perf_counter() - start}
-    return MiddleSurrogate(maps, stats).to(dev)
+    return MiddleSurrogate(maps, stats)
 
 
 def attach_middle(model: Transformer, surrogate: MiddleSurrogate) -> Transformer:
