@@ -72,27 +72,18 @@ def fit_child(a, n: int) -> dict:
 
 
 def ridge_child(a, n: int) -> dict:
-    """Held-out R² of the first gap against the ridge, from one set of accumulated moments (elo.middle's own
-    solver, called once per ridge, so that one pass over the data serves every value)."""
-    from elo.hidden import layer_states
-    from elo.middle import _Moments
+    """Held-out R² of each gap against the ridge, from one pass over the data (elo.middle's own accumulation and
+    solver, so that one pass serves every value)."""
+    from elo.middle import accumulate
     from elo.surgery import parse_layers
 
     full = elo.load_model(a.model)
-    lo, hi = parse_layers(a.layers, full.config.num_hidden_layers)[:2]
-    d, held_out = full.config.hidden_size, n // 10
-    fit, test = _Moments(d, "cpu"), _Moments(d, "cpu")
+    ids = parse_layers(a.layers, full.config.num_hidden_layers)
+    gaps = [(lo, hi) for lo, hi in zip(ids, ids[1:]) if hi > lo + 1]
     with tempfile.TemporaryDirectory() as tmp:
-        stream, seen = sampler(a, Path(tmp)), 0
-        while seen < n + held_out:
-            states = layer_states(full, stream.next_batch(a.batch_size), {str(lo), str(hi - 1)})
-            x, y = (states[str(i)][1].reshape(-1, d) for i in (lo, hi - 1))
-            take = min(len(x), n + held_out - seen)
-            n_fit = max(0, min(take, n - seen))
-            fit.add(x[:n_fit], y[:n_fit])
-            test.add(x[n_fit:take], y[n_fit:take])
-            seen += take
-    return {str(r): test.r2(fit.solve(r)) for r in (0.0, 1e-4, 1e-3, 1e-2, 1e-1)}
+        stream = sampler(a, Path(tmp))
+        fit, test = accumulate(full, gaps, (stream.next_batch(a.batch_size) for _ in itertools.count()), n, n // 10)
+    return {str(r): [test[g].r2(fit[g].solve(r)) for g in gaps] for r in (0.0, 1e-4, 1e-3, 1e-2, 1e-1)}
 
 
 def step_child(a) -> dict:
@@ -164,8 +155,8 @@ def main() -> None:
               f"{r['kl_surrogate']:.3f} | {r['seconds'] * elo_tps:,.0f} |", flush=True)
     if a.ridge_tokens:
         sweep = child(common + ["--child", f"ridge:{a.ridge_tokens}"])
-        print(f"held-out R² (first gap) vs ridge at N = {a.ridge_tokens:,}: "
-              + ", ".join(f"{k}: {v:.3f}" for k, v in sweep.items()))
+        print(f"held-out R² per gap vs ridge at N = {a.ridge_tokens:,}: "
+              + ", ".join(f"{k}: {', '.join(f'{v:.3f}' for v in r2)}" for k, r2 in sweep.items()))
 
 
 if __name__ == "__main__":

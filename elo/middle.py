@@ -106,6 +106,31 @@ class _Moments:
         return float(1 - rss / tss)
 
 
+def accumulate(model: Transformer, gaps: list[tuple[int, int]], data: Iterable, tokens: int,
+               held_out: int) -> tuple[dict[tuple[int, int], _Moments], dict[tuple[int, int], _Moments]]:
+    """Moments of the fitted and the held-out tokens for each gap (lower, upper: 0-based layer indices), in one pass
+    over `data` (token id batches) through the full model."""
+    d, dev = model.config.hidden_size, model.model.embed_tokens.weight.device
+    fit = {g: _Moments(d, dev) for g in gaps}
+    test = {g: _Moments(d, dev) for g in gaps}
+    # the input of layer hi is the output of layer hi - 1: read outputs only, and stop below the highest upper layer
+    keys = {str(i) for lo, hi in gaps for i in (lo, hi - 1)}
+    need, seen = tokens + held_out, 0
+    for batch in data:
+        if isinstance(batch, str):
+            raise ValueError("data holds texts; pass tokenizer= to fit on texts, or token id batches")
+        states = layer_states(model, batch, keys)
+        # the batch where fitting ends is not held out in part: held-out tokens share no sequence with fitted ones
+        moments, take = (fit, tokens - seen) if seen < tokens else (test, need - seen)
+        take = min(input_ids(batch).numel(), take)
+        for lo, hi in gaps:
+            moments[lo, hi].add(states[str(lo)][1].reshape(-1, d)[:take], states[str(hi - 1)][1].reshape(-1, d)[:take])
+        seen += take
+        if seen == need:
+            return fit, test
+    raise ValueError(f"the data ran out after {seen} tokens; fitting needs tokens + held_out = {need}")
+
+
 def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | str,
                data: Iterable[Tensor] | Iterable[str], tokens: int, kind: str = "linear", ridge: float = 1e-2,
                held_out: int | None = None, tokenizer: TextTokenizer | None = None, seq_len: int = 512,
@@ -115,7 +140,8 @@ def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | s
 
     `data`: token id batches, each a LongTensor [batch, seq] or an elo.data.Batch (e.g. a generator over
     `sampler.next_batch(B)`), or, with `tokenizer`, texts (packed into `seq_len` windows). The stream's first `tokens`
-    token positions are fitted; the `held_out` after them (default tokens // 10) give the R² in `stats["r2"]`.
+    token positions are fitted; `held_out` more (default tokens // 10), from the batches after the last one fitted on,
+    give the R² in `stats["r2"]`.
     Adjacent layers leave no gap and get no map. `ridge`: see `_Moments.solve`; 0 is plain least squares."""
     if kind not in KINDS:
         raise ValueError(f"unknown surrogate kind {kind!r}; expected one of: {', '.join(KINDS)}")
@@ -142,29 +168,7 @@ def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | s
     start = time.perf_counter()
     if not isinstance(model, Transformer):
         model = load_model(model, device=device)
-    dev = model.model.embed_tokens.weight.device
-    fit = {g: _Moments(d, dev) for g in gaps}
-    test = {g: _Moments(d, dev) for g in gaps}
-    # the input of layer hi is the output of layer hi - 1: read outputs only, and stop below the highest upper layer
-    keys = {str(i) for lo, hi in gaps for i in (lo, hi - 1)}
-    need, seen = tokens + held_out, 0
-    for batch in data:
-        if isinstance(batch, str):
-            raise ValueError("data holds texts; pass tokenizer= to fit on texts, or token id batches")
-        states = layer_states(model, batch, keys)
-        take = min(input_ids(batch).numel(), need - seen)
-        n_fit = max(0, min(take, tokens - seen))
-        for lo, hi in gaps:
-            x = states[str(lo)][1].reshape(-1, d)[:take]
-            y = states[str(hi - 1)][1].reshape(-1, d)[:take]
-            fit[lo, hi].add(x[:n_fit], y[:n_fit])
-            test[lo, hi].add(x[n_fit:], y[n_fit:])
-        seen += take
-        if seen == need:
-            break
-    if seen < need:
-        raise ValueError(f"the data ran out after {seen} tokens; fitting needs tokens + held_out = {need}")
-
+    fit, test = accumulate(model, gaps, data, tokens, held_out)
     maps, r2 = {}, []
     for g in gaps:
         w = fit[g].solve(ridge)
