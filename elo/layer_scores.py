@@ -66,11 +66,10 @@ def layer_scores(model: Transformer, data: Mapping[str, Iterable[Tensor] | Itera
     if not 1 <= k <= n_layers:
         raise ValueError(f"k={k}; expected 1..{n_layers} layers for this {n_layers}-layer model")
     target = next(l for l in data if l != reference)
-    keys = list(model.model.layers)
+    keys, device = list(model.model.layers), model.model.embed_tokens.weight.device
     influence, means, tokens = {}, {}, {}
     for lang in (target, reference):
         batches = text_windows(data[lang], tokenizer, seq_len) if tokenizer is not None else data[lang]
-        device = model.model.embed_tokens.weight.device
         cos = torch.zeros(len(keys), dtype=torch.float64, device=device)
         unit = torch.zeros(len(keys), 2, model.config.hidden_size, dtype=torch.float64, device=device)  # Σ u_in, u_out
         n = 0
@@ -87,11 +86,10 @@ def layer_scores(model: Transformer, data: Mapping[str, Iterable[Tensor] | Itera
         if n == 0:
             raise ValueError(f"no tokens for language {lang!r}")
         influence[lang], means[lang], tokens[lang] = (1 - cos / n).tolist(), unit / n, n
-    mu_a, mu_b = means[target].cpu(), means[reference].cpu()
+    mu_a, mu_b = means[target], means[reference]
     spread = 1 - (mu_a.pow(2).sum(-1) + mu_b.pow(2).sum(-1)) / 2
     sep = (mu_a - mu_b).pow(2).sum(-1) / spread  # (layer, in/out)
     shift = (sep[:, 1] - sep[:, 0]).tolist()
     picked = sorted(range(n_layers), key=lambda i: (-influence[target][i], i))[:k]
-    return LayerScores(layers=[i + 1 for i in range(n_layers)],
-                       influence=influence, shift=shift, tokens=tokens, target=target, reference=reference,
-                       suggested=sorted(i + 1 for i in picked))
+    return LayerScores(layers=list(range(1, n_layers + 1)), influence=influence, shift=shift, tokens=tokens,
+                       target=target, reference=reference, suggested=sorted(i + 1 for i in picked))

@@ -56,6 +56,21 @@ def test_fit_recovers_an_exactly_linear_middle(tiny_llama):
     assert surrogate.stats["held_out"] == 60
 
 
+def test_hidden_states_stop_below_the_upper_layer(tiny_llama):
+    """Fitting layers (1, 4) reads the output of layer 3 and never runs layer 4 or the head."""
+
+    class Unreachable(torch.nn.Module):
+        def forward(self, *args):
+            raise AssertionError("ran a layer above the ones needed")
+
+    model = elo.load_model(tiny_llama[0])
+    model.model.layers["3"] = Unreachable()
+    model.lm_head.forward = Unreachable().forward
+    states = layer_states(model, random_batches(256, 1)[0], {"2", "0"})
+    assert sorted(states) == ["0", "2"] and states["2"][1].shape == (4, 32, model.config.hidden_size)
+    elo.fit_middle(model, [1, 4], random_batches(256, 2), tokens=100)
+
+
 def test_streamed_fit_equals_one_shot_lstsq(tiny_llama):
     """Moments accumulated over 5 batches (elo.data.Batch, as a sampler gives them) solve to what torch.linalg.lstsq
     gets on all rows at once, with the ridge as extra rows sqrt(λ) I (bias unpenalised); R² on the held-out rows."""
