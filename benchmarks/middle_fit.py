@@ -91,7 +91,7 @@ def step_child(a) -> dict:
     full = elo.load_model(a.model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, full.config.vocab_size, (a.batch_size, a.seq_len + 1), generator=g)
-    surrogate = elo.fit_middle(full, a.layers, [ids[:, :-1]], tokens=full.config.hidden_size + 1)
+    surrogate = elo.fit_middle(full, a.layers, [ids[:, :-1]] * 2, tokens=full.config.hidden_size + 1)  # timing only
     out = {}
     for name in ("plain", "surrogate"):
         sub = elo.detach(full, a.layers)
@@ -113,7 +113,7 @@ def step_child(a) -> dict:
 
 
 def child(args: list[str]) -> dict:
-    return json.loads(subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
+    return json.loads(subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE,
                                      text=True).stdout.splitlines()[-1])
 
 
