@@ -46,8 +46,8 @@ KINDS = ("linear",)
 
 class FrozenAffine(nn.Module):
     """x ↦ x Wᵀ + b with W and b fixed. They are buffers, not parameters: no optimizer, FSDP sharding or HF state
-    dict ever sees them. Kept in fp32 whatever the model's dtype, so that a save after training is the fit, bit for
-    bit."""
+    dict ever sees them. `attach_middle` moves them to the model's device but keeps the fit's fp32 whatever the
+    model's dtype, so that a save after training is the fit, bit for bit."""
 
     def __init__(self, weight: Tensor, bias: Tensor):
         super().__init__()

@@ -40,8 +40,8 @@ def setup(model: torch.nn.Module, mode: str) -> torch.nn.Module:
         sub.requires_grad_(False)
         sub.model.layers.requires_grad_(True)
         if mode == "elo+middle":  # the fitted surrogate of layers 2-3, frozen, between the two trained layers
-            ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
-            elo.attach_middle(sub, elo.fit_middle(model, [1, 4], [ids], tokens=100))
+            ids = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
+            elo.attach_middle(sub, elo.fit_middle(model, [1, 4], ids.split(2), tokens=100))
         return sub
     model.requires_grad_(False)  # "frozen": layers 2 and 3 of 4 train inside the full graph
     for i in ("1", "2"):
