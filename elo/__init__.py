@@ -2,6 +2,8 @@
 from elo.chat_vector import add_chat_vector
 from elo.checkpoint import load_model, resolve, save_model
 from elo.config import ModelConfig
+from elo.layer_scores import LayerScores, layer_scores
+from elo.middle import MiddleSurrogate, attach_middle, fit_middle, load_middle, save_middle
 from elo.model import Transformer
 from elo.surgery import detach, detach_checkpoint, load_detached, splice, splice_checkpoint
 
@@ -16,4 +18,5 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
 
 
 __all__ = ["DEFAULT_MODEL", "ModelConfig", "Transformer", "load_model", "save_model", "load_tokenizer", "resolve",
-           "detach", "load_detached", "splice", "detach_checkpoint", "splice_checkpoint", "add_chat_vector"]
+           "detach", "load_detached", "splice", "detach_checkpoint", "splice_checkpoint", "add_chat_vector", "fit_middle", "MiddleSurrogate",
+           "attach_middle", "save_middle", "load_middle", "layer_scores", "LayerScores"]

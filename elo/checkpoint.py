@@ -26,6 +26,7 @@ from elo.model import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+MIDDLE_NAME = "middle.safetensors"  # an ELO submodel's middle-layer surrogate (elo.middle), which transformers ignores
 # files copied along with the weights so that the output directory is a complete HF model
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja", "original/tokenizer.model")
@@ -148,7 +149,8 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
 
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> Transformer:
-    """Load an HF Llama/Mistral/Qwen2 checkpoint (or an ELO submodel saved by elo) into a `Transformer`."""
+    """Load an HF Llama/Mistral/Qwen2 checkpoint (or an ELO submodel saved by elo, with its middle-layer surrogate
+    when the directory holds one) into a `Transformer`."""
     directory = resolve(name_or_path)
     config = load_config(directory)
     reader = CheckpointReader(directory)
@@ -160,6 +162,10 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", dtype:
     state = {n: reader.get(disk_name(n, config)).to(device=device, dtype=dtype) for n in names}
     model = Transformer.from_state_dict(config, state)
     model.name_or_path = str(name_or_path)
+    if (directory / MIDDLE_NAME).is_file():
+        from elo.middle import attach_middle, load_middle  # elo.middle builds on this module
+
+        attach_middle(model, load_middle(directory, device))
     return model
 
 
@@ -260,7 +266,8 @@ def rewrite_checkpoint(reader: CheckpointReader, directory: Path,
 
 def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES,
                tokenizer_from: str | os.PathLike | None = None) -> Path:
-    """Write `model` as an HF checkpoint (config, safetensors shards, tokenizer files from its source), atomically.
+    """Write `model` as an HF checkpoint (config, safetensors shards, tokenizer files from its source, and an ELO
+    submodel's middle-layer surrogate as `middle.safetensors`), atomically.
     A destination that is a file, or a non-empty directory elo did not write, is refused (see elo.files)."""
     check_output_dir(out_dir, "model directory")
     config = model.config
@@ -276,5 +283,9 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
         write_shards(layout, ((disk_name(n, config), t) for n, t in state.items()), tmp, max_shard_bytes)
         write_config(config, dtype, tmp)
         copy_side_files(source_dir, tmp)
+        if model.middle is not None:
+            from elo.middle import save_middle
+
+            save_middle(model.middle, tmp)
 
     return atomic_dir(out_dir, fill, "model directory")

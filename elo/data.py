@@ -207,6 +207,27 @@ def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray | None:
     return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=_HEADER.size, shape=(count,)))
 
 
+def text_windows(texts: Iterable[str], tokenizer: TextTokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    """`texts` as one token stream (EOS after each text), cut into [1, seq_len] id batches, the last one shorter:
+    for passes that read hidden states (elo.fit_middle, elo.layer_scores). Tokenizes lazily, text by text."""
+    if isinstance(texts, str):
+        raise ValueError("texts is a single string; expected a list of texts")
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}; expected a positive integer")
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has no eos_id; it is needed to separate texts")
+    stream: list[int] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise ValueError(f"texts must be strings; got a {type(text).__name__}")
+        stream += tokenizer.encode_batch([text])[0] + [tokenizer.eos_id]
+        while len(stream) >= seq_len:
+            yield torch.tensor([stream[:seq_len]])
+            del stream[:seq_len]
+    if stream:
+        yield torch.tensor([stream])
+
+
 # ---- one language: training windows and held-out validation ----
 
 def default_val_tokens(num_tokens: int, seq_len: int) -> int:

@@ -4,7 +4,8 @@ Counted per token: 2 FLOPs per multiply-add of every matrix multiply in the forw
 attention); in the backward pass 2 more for an input gradient where something upstream trains, and 2 more for a
 weight gradient where the weight trains. So full fine-tuning costs 6 per weight, a frozen layer above a trained one 4,
 a frozen layer below every trained one 2 (forward only), and ELO's two layers plus the frozen head
-(6 * layers + 4 * head) instead of 6 * everything.
+(6 * layers + 4 * head) instead of 6 * everything. A middle-layer surrogate (elo.middle) counts as a frozen d x d
+linear: 4 per weight above a trained layer.
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
     upstream = model.model.embed_tokens.weight.requires_grad  # does anything before this point train?
     total = 0.0
     attn_core = 2 * 2 * (seq_len + 1) / 2 * cfg.num_attention_heads * cfg.head_dim  # QK^T and AV, causal average
-    for layer in model.model.layers.values():
+    middle = model.middle if model.middle is not None else {}
+    for key, layer in model.model.layers.items():
+        if key in middle:  # the surrogate feeding this layer
+            total += _linear(middle[key], upstream)
         attn, mlp = layer.self_attn, layer.mlp
         groups = [[attn.q_proj, attn.k_proj, attn.v_proj], "core", [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
                   [mlp.down_proj]]

@@ -171,6 +171,9 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
+        # ELO submodel only: frozen maps standing in for the layers between detached ones, applied before the layer of
+        # the same key (elo.middle); they hold buffers, not parameters, so the HF state dict is unchanged
+        self.middle: nn.ModuleDict | None = None
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state_dict: Mapping[str, Tensor]) -> "Transformer":
@@ -203,7 +206,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
         masks = {w: attention_mask(T, start + T, w, x.device) for w in {self.config.window(i) for i in range(len(self.model.layers))}}
-        for i, layer in enumerate(self.model.layers.values()):
+        for i, (key, layer) in enumerate(self.model.layers.items()):
+            if self.middle is not None and key in self.middle:
+                x = self.middle[key](x)
             x = layer(x, cos, sin, masks[self.config.window(i)], cache, i)
         if cache is not None:
             cache.pos += T

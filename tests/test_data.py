@@ -442,3 +442,14 @@ def test_real_tokenizer_cache_matches_encode(tmp_path):
         stream = streams[lang]
         start = next(i for i in range(0, len(stream), 128) if stream[i:i + 128] == inputs)  # at a window boundary
         assert stream[start + 1:start + 129] == targets
+
+
+def test_text_windows_cut_one_stream():
+    texts = ["ab", "cde", "f"]
+    windows = list(data.text_windows(texts, ByteTokenizer(), 3))
+    assert [w.shape for w in windows] == [(1, 3), (1, 3), (1, 3)]
+    assert torch.cat(windows, 1)[0].tolist() == expected_tokens(texts) and windows[0].dtype == torch.long
+    assert [w.shape[1] for w in data.text_windows(texts, ByteTokenizer(), 4)] == [4, 4, 1]
+    for bad, message in (("abc", "a single string"), (["a", 3], "must be strings; got a int")):
+        with pytest.raises(ValueError, match=message):
+            list(data.text_windows(bad, ByteTokenizer(), 3))
