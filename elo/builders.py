@@ -234,6 +234,10 @@ def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float
         write_shards(layout, tensors(), tmp)
         write_config(config, dtype, tmp)
         copy_side_files(resolve(model.name_or_path), tmp)
+        if model.middle is not None:  # an ELO submodel's surrogate travels with it (transformers ignores the file)
+            from elo.middle import save_middle
+
+            save_middle(model.middle, tmp)
         if extra is not None:
             extra(tmp)
 

@@ -6,8 +6,11 @@ The batch source: text windows of each language in a fixed mix (elo.data). Outpu
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from elo import distributed
 from elo.builders import LoRAOptions, ModelSpec, elo_spec, full_spec
@@ -64,6 +67,10 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
     layers: str = field(default="1,-1", metadata=option("1-based decoder layers to detach and train (ELO), e.g. "
                                                        "1,32; 'all': full fine-tuning"))
     train_embeddings: bool = field(default=False, metadata=option("ELO: also train embedding, final norm and head"))
+    middle: str | None = field(default=None, metadata=option(
+        "ELO: put a frozen fitted surrogate of the skipped middle layers between the chosen ones ('linear'), so the "
+        "upper layer trains on inputs like those it sees in the full model"))
+    middle_tokens: int = field(default=12000, metadata=option("tokens of the training mix the surrogate is fitted on"))
 
     @property
     def mode(self) -> str:
@@ -76,6 +83,13 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         self.validate_data(self.seq_len)
         self.model = normalize_model(self.model)
         self.validate_lora()
+        if self.middle is not None:
+            from elo.middle import KINDS
+
+            if self.middle not in KINDS:
+                raise ValueError(f"--middle {self.middle!r}: expected one of {', '.join(KINDS)}")
+            if self.mode != "elo":
+                raise ValueError("--middle stands in for the layers ELO skips; it needs ELO mode (--layers 1,32)")
         if self.mode == "lora" and self.layers not in ("all", "1,-1"):
             raise ValueError(f"--lora-rank trains adapters on every layer; drop --layers {self.layers} or use 'all'")
 
@@ -126,12 +140,77 @@ def train(cfg: TrainConfig) -> Path:
     if run is None:
         return RunDir(cfg.out).model
     check_context(cfg.seq_len, cfg.model)
-    spec = cfg.model_spec()
     tokenizer = load_tokenizer(cfg.model)
+    auto = cfg.layers.startswith("auto:")
+    if auto:
+        cfg.layers, scores = suggest_layers(cfg, tokenizer)
+    spec = cfg.model_spec()
+    if cfg.middle:
+        check_middle(cfg, spec)
     provenance = {"stage": "pretrain", "mode": cfg.mode, "model": cfg.model, "layers": cfg.layers, "data": cfg.data,
-                  "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens}
+                  "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens,
+                  "middle": cfg.middle}
+    if auto:
+        provenance["layer_scores"] = scores
+        cfg.layers = f"auto:{len(scores['suggested'])}"  # the run's identity stays what was asked for
+    layers = spec.config.elo["layers"] if cfg.mode == "elo" else None  # 1-based, resolved
+    before = (lambda model, source, d, fresh: attach_fitted_middle(cfg, layers, model, tokenizer, d)) \
+        if cfg.middle else None
     return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], cfg.mode,
-                     provenance)
+                     provenance, before)
+
+
+def suggest_layers(cfg: TrainConfig, tokenizer) -> tuple[str, dict]:
+    """`--layers auto:K`: the K layers `elo.layer_scores` suggests from the held-out text of the run's languages."""
+    from elo.checkpoint import load_model
+    from elo.layer_scores import layer_scores
+
+    try:
+        k = int(cfg.layers.removeprefix("auto:"))
+    except ValueError:
+        raise ValueError(f"--layers {cfg.layers!r}: expected auto:K with K a positive integer") from None
+    if k < 1:
+        raise ValueError(f"--layers {cfg.layers!r}: expected auto:K with K a positive integer")
+    source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))
+    batches = {lang: list(itertools.islice(source.val_batches(lang, cfg.batch_size), cfg.eval_batches))
+               for lang in source.langs}
+    scores = layer_scores(load_model(cfg.model), batches, k=k)
+    layers = ",".join(map(str, scores.suggested))
+    if distributed.rank_from_env() == 0:
+        print(f"--layers auto:{k}: layer scores from held-out text\n{scores.table()}\nchosen layers: {layers}",
+              flush=True)
+    return layers, {"suggested": scores.suggested, "influence": scores.influence, "shift": scores.shift}
+
+
+def check_middle(cfg: TrainConfig, spec: ModelSpec) -> None:
+    """--middle's cheap checks, before any data or weights are read."""
+    ids = spec.config.layer_ids
+    if not any(b - a > 1 for a, b in zip(ids, ids[1:])):
+        raise ValueError(f"--middle needs at least two chosen layers with layers between them; --layers {cfg.layers} "
+                         f"leaves no gap to stand in for")
+    if cfg.middle_tokens < spec.config.hidden_size + 1:
+        raise ValueError(f"--middle-tokens {cfg.middle_tokens}: too few to fit a {spec.config.hidden_size}-wide map; "
+                         f"expected at least {spec.config.hidden_size + 1}")
+
+
+def attach_fitted_middle(cfg: TrainConfig, layers: list[int], model, tokenizer, d: distributed.Dist) -> dict:
+    """Fit the surrogate once (rank 0, on the first tokens of the training mix, kept in the run directory so a
+    resumed run gets it bit for bit), then attach it to every process's submodel."""
+    from elo.middle import MIDDLE_NAME, attach_middle, fit_middle, load_middle, save_middle
+
+    directory = Path(cfg.out) / "checkpoints"
+    if d.main and not (directory / MIDDLE_NAME).is_file():
+        stream, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))
+        surrogate = fit_middle(cfg.model, layers, (stream.next_batch(cfg.batch_size) for _ in itertools.count()),
+                               tokens=cfg.middle_tokens, kind=cfg.middle, device=d.device)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_middle(surrogate, directory)
+    distributed.barrier(d)
+    surrogate = load_middle(directory, d.device)
+    attach_middle(model, surrogate)
+    if d.main:
+        print(f"middle surrogate ({cfg.middle}) attached: {surrogate.stats}", flush=True)
+    return {"middle_r2": surrogate.stats.get("r2")}
 
 
 def main(argv: list[str] | None = None) -> None:

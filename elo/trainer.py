@@ -284,9 +284,9 @@ def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance:
         source = build_source(d)
         spec = model_spec()
         model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, getattr(cfg, "cpu_offload", False))
-        flops = train_flops_per_token(model, cfg.seq_len)
         fresh = not (cfg.resume and run.complete_checkpoints())
         extra = before_training(model, source, d, fresh) if before_training else None
+        flops = train_flops_per_token(model, cfg.seq_len)
         if d.main:
             run.start(cfg.record())
         stats = train_loop(cfg, model, source, d, run, flops, label, extra)

@@ -54,12 +54,13 @@ def run(cmd, env, **kw):
     return result
 
 
-def test_two_processes_match_one_and_only_chosen_layers_change(run_env, tmp_path):
+@pytest.mark.parametrize("middle", [(), ("--middle", "linear", "--middle-tokens", "300")], ids=["plain", "middle"])
+def test_two_processes_match_one_and_only_chosen_layers_change(run_env, tmp_path, middle):
     root, _, env = run_env
     one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "train.py", *args(run_env, one, "--batch-size", "4", "--layers", "1,4")], env)
+    run([sys.executable, "train.py", *args(run_env, one, "--batch-size", "4", "--layers", "1,4", *middle)], env)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-         *args(run_env, two, "--batch-size", "2", "--layers", "1,4")], env)
+         *args(run_env, two, "--batch-size", "2", "--layers", "1,4", *middle)], env)
     l1, l2 = losses(one), losses(two)
     assert sorted(l1) == list(range(1, 7)) and l1.keys() == l2.keys()
     assert max(abs(l1[s] - l2[s]) for s in l1) <= 1e-5
@@ -358,3 +359,57 @@ def test_bad_option_values_are_one_line_errors_leaving_nothing(run_env, tmp_path
     named = option.lstrip("-").split("-")[0]
     assert option in err or named in err or value in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+# ---- --middle linear and --layers auto:K ----
+
+def test_middle_surrogate_trains_resumes_bit_exact_and_ships_with_the_submodel(run_env, tmp_path):
+    import transformers
+
+    from elo.middle import MIDDLE_NAME, load_middle
+
+    _, _, env = run_env
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ("--batch-size", "2", "--save-every", "2", "--layers", "1,4", "--middle", "linear", "--middle-tokens", "300")
+    result = run([sys.executable, "train.py", *args(run_env, full, *extra)], env)
+    assert "middle surrogate (linear) attached" in result.stdout
+    died = subprocess.run([sys.executable, "-c", DIE_AT, "log", "3", *args(run_env, killed, *extra)], env=env,
+                          cwd=REPO, capture_output=True, timeout=600)
+    assert died.returncode == -9
+    run([sys.executable, "train.py", *args(run_env, killed, *extra), "--resume"], env)
+    a, b = losses(full), losses(killed)
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
+    fitted, shipped = load_middle(full / "checkpoints"), load_middle(full / "model")
+    assert all(torch.equal(x, y) for x, y in zip(fitted.state_dict().values(), shipped.state_dict().values()))
+    assert (full / "model" / MIDDLE_NAME).is_file()
+    transformers.AutoModelForCausalLM.from_pretrained(full / "model")  # the surrogate file is ignored there
+    sub = elo.load_model(full / "model")  # ... and used by elo
+    assert sub.middle is not None
+
+
+def test_middle_bad_input(run_env, tmp_path, monkeypatch, capsys):
+    from elo.cli import run_main
+    from elo.pretrain import main
+
+    monkeypatch.setenv("ELO_CACHE", run_env[2]["ELO_CACHE"])
+    for extra, message in [(("--middle", "cubic", "--layers", "1,4"), "--middle 'cubic'"),
+                           (("--middle", "linear", "--layers", "1,2"), "no gap"),
+                           (("--middle", "linear", "--layers", "1,4", "--middle-tokens", "10"), "--middle-tokens 10"),
+                           (("--middle", "linear", "--layers", "all"), "needs ELO mode")]:
+        with pytest.raises(SystemExit):
+            run_main(main, args(run_env, tmp_path / "bad", *extra))
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_layers_auto_trains_the_layers_it_logs(run_env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ELO_CACHE", run_env[2]["ELO_CACHE"])
+    out = tmp_path / "auto"
+    train(config_from_args(args(run_env, out, "--layers", "auto:2", "--max-steps", "2")))
+    printed = capsys.readouterr().out
+    chosen = [int(x) for x in printed.split("chosen layers: ")[1].split()[0].split(",")]
+    assert len(chosen) == 2
+    assert json.loads((out / "model" / "config.json").read_text())["elo"]["layers"] == chosen
+    run_record = json.loads((out / "model" / "elo_run.json").read_text())
+    assert run_record["layer_scores"]["suggested"] == chosen
