@@ -62,7 +62,7 @@ PROMPTS = [[5, 17, 99], list(range(40, 63)), [200, 3, 3, 3, 150, 77, 12, 9, 250,
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_kv_cache_matches_full_recompute(arch, monkeypatch):
-    monkeypatch.setattr(gen, "PREFILL_CHUNK", 5)  # several prefill chunks, crossing the sliding window
+    monkeypatch.setattr(gen, "PREFILL_TOKENS", 5)  # several prefill chunks, crossing the sliding window
     model = tiny_model(arch)
     for prompt in PROMPTS:
         want = greedy_without_cache(model, prompt, 24)
@@ -155,7 +155,8 @@ class ByteTokenizer:
 @pytest.mark.parametrize("bench,count", [("mt_bench", 80), ("mt_bench_ja", 80), ("logickor", 42)])
 def test_answers_for_every_question(bench, count, tmp_path, monkeypatch):
     prompts = []  # the model is stubbed out here: this is about the questions, the chat turns and the file format
-    monkeypatch.setattr(gen, "generate", lambda model, ids, *a, **k: prompts.append(ids) or list(b" ok "))
+    monkeypatch.setattr(gen, "generate_batch", lambda model, batch, *a, **k: [prompts.append(ids) or list(b" ok ")
+                                                                              for ids in batch])
     model, tokenizer = tiny_model(), ByteTokenizer()
     out = generate_answers(model, tokenizer, bench, EVAL, tmp_path / "answers.jsonl", max_new_tokens=3,
                            model_id="tiny")
@@ -198,7 +199,8 @@ def test_resume_skips_answered_questions_and_repairs_a_cut_line(tmp_path, monkey
     # five finished answers, then a line cut off mid-write by a crash
     path.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"question_id": 6, "answ')
     calls = []
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(1) or [104, 105])
+    monkeypatch.setattr(gen, "generate_batch", lambda model, batch, *a, **k: [calls.append(1) or [104, 105]
+                                                                              for _ in batch])
     with pytest.warns(UserWarning, match="truncated last line"):
         generate_answers(model, tokenizer, "logickor", EVAL, path, max_new_tokens=2, model_id="tiny")
     records = read_records(path)
