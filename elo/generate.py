@@ -45,7 +45,7 @@ QUESTION_FILES = {
 
 def _per_row(value: Any, n: int, name: str) -> list:
     """One value for every row: a list given per row, or a single value repeated."""
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence):  # (a set of stop ids is not one: it is shared by all rows)
         if len(value) != n:
             raise ValueError(f"{name} has {len(value)} entries for {n} prompts; expected one per prompt")
         return list(value)

@@ -10,7 +10,8 @@ import torch
 
 import elo.generate as gen
 from elo.config import ModelConfig
-from elo.generate import generate, generate_answers, load_questions, read_records
+from elo.generate import (chat_stop_ids, generate, generate_answers, generate_batch, load_questions,
+                          read_records)
 from elo.model import Transformer
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
@@ -84,6 +85,85 @@ def test_kv_cache_matches_full_recompute_on_the_default_model():
     for question in ("What is the capital of France?", "한국의 수도는 어디인가요?"):
         prompt = tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": question}]))
         assert generate(model, prompt, 8, stop_ids=set()) == greedy_without_cache(model, prompt, 8)
+
+
+# prompts of mixed lengths: shorter and longer than the sliding window, than each other and than the prefill chunk
+MIXED = [PROMPTS[1], [7], PROMPTS[0], list(range(100, 140)), PROMPTS[2], [42, 42]]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_batched_greedy_equals_one_at_a_time(arch, monkeypatch):
+    monkeypatch.setattr(gen, "PREFILL_TOKENS", 30)  # 5 tokens per row per prefill pass: several chunks
+    model = tiny_model(arch)
+    alone = [generate(model, p, 24, stop_ids=set()) for p in MIXED]
+    assert alone == [greedy_without_cache(model, p, 24) for p in MIXED]
+    assert generate_batch(model, MIXED, 24, stop_ids=set()) == alone
+
+
+def batch_sizes(model: Transformer) -> list[int]:
+    """Rows of every forward pass the model makes from now on."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_rows_stop_on_their_own_and_leave_the_batch():
+    model = tiny_model("mistral")
+    full = [greedy_without_cache(model, p, 24) for p in MIXED]
+    stop = full[0][5]  # row 0 stops at its own stop id, which the others do not stop at
+    limits = [24, 3, 24, 10, 1, 24]
+    sizes = batch_sizes(model)
+    out = generate_batch(model, MIXED, limits, [{stop}] + [set()] * 5)
+    assert out[0] == full[0][:full[0].index(stop)] and len(out[0]) <= 5
+    assert out[1:] == [f[:n] for f, n in zip(full[1:], limits[1:])]
+    decode = sizes[-24:]  # one pass per new token of the longest row, after the prefill
+    assert decode[0] == 6 and decode[-1] == 2 and decode == sorted(decode, reverse=True)
+
+
+def test_sampling_is_seeded_per_row_whatever_the_batch_holds():
+    model = tiny_model()
+    kwargs = dict(temperature=1.5, top_p=0.9)
+    alone = [generate(model, p, 20, set(), seed=s, **kwargs) for p, s in zip(MIXED, range(6))]
+    assert generate_batch(model, MIXED, 20, set(), seeds=range(6), **kwargs) == alone
+    # the same row between other neighbours, in another position, with a neighbour that stops at once
+    assert generate_batch(model, [MIXED[4], MIXED[2], MIXED[3]], [20, 20, 1], set(), seeds=[4, 2, 99],
+                          **kwargs)[:2] == [alone[4], alone[2]]
+    assert alone[0] != generate(model, MIXED[0], 20, set(), seed=6, **kwargs)
+    with pytest.raises(ValueError, match="seeds has 2 entries for 6 prompts"):
+        generate_batch(model, MIXED, 20, set(), seeds=[1, 2], **kwargs)
+
+
+@pytest.mark.slow
+def test_batched_greedy_on_the_default_model_equals_transformers_generate():
+    from transformers import AutoModelForCausalLM
+
+    from elo.chat import render_chat
+    from elo.checkpoint import load_model, resolve
+    from elo.default_model import DEFAULT_MODEL
+    from elo.tokenizer import load_tokenizer
+
+    try:
+        directory = resolve(DEFAULT_MODEL)
+    except Exception as e:  # the GGUF package is optional
+        pytest.skip(f"default model unavailable: {e}")
+    model, tokenizer = load_model(directory), load_tokenizer(directory)
+    chats = [[{"role": "user", "content": "Explain why the sky is blue."}],
+             [{"role": "user", "content": "한국의 수도는 어디인가요? 설명해 주세요."}],
+             [{"role": "system", "content": "You are a poet."},
+              {"role": "user", "content": "Write two lines about the sea, then explain the rhyme you chose."}],
+             [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+              {"role": "user", "content": "Describe it in a few sentences."}]]
+    prompts = [tokenizer.encode(render_chat(tokenizer, chat)) for chat in chats]
+    assert len({len(p) for p in prompts}) == 4
+    stop = chat_stop_ids(model, tokenizer)
+    batched = generate_batch(model, prompts, 24, stop)
+    assert batched == [generate(model, p, 24, stop) for p in prompts]
+    assert sum(map(len, batched)) > 60  # most answers run to the limit: the comparison covers many tokens
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for prompt, ours in zip(prompts, batched):
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=sorted(stop),
+                           pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == want[:len(ours)] and (len(ours) == 24 or want[len(ours)] in stop)
 
 
 def test_stops_at_a_stop_token_and_leaves_it_out():
