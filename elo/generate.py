@@ -29,8 +29,8 @@ from elo.chat import render_chat, stop_token_ids
 from elo.files import atomic_write_text
 from elo.jsonl import read_jsonl
 
-# Prompts are prefilled this many tokens (over the whole batch) per forward pass, so that the prompts' logits never
-# sit in memory all at once (they are (tokens x vocab) floats, and only the last position of each row is needed).
+# Prompts are prefilled this many tokens (over the whole batch) per forward pass, which bounds the activations held
+# at once however long the prompts.
 PREFILL_TOKENS = 512
 
 # bench -> question file, relative to the data dir (shared/data/eval). For mt_bench_ja we take question_full.jsonl:
@@ -107,7 +107,7 @@ def _decode(model: Any, prompts: list[list[int]], limits: list[int], stops: list
     padded = padded.to(device)
     chunk = max(1, PREFILL_TOKENS // len(rows))
     for start in range(0, width, chunk):
-        model(padded[:, start:start + chunk], cache=cache)
+        model(padded[:, start:start + chunk], cache=cache, last_logits=0)
     cache.lengths = [len(head) for head in heads]
     made = dict.fromkeys(rows, 0)
     last = [prompts[i][-1] for i in rows]

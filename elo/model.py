@@ -216,9 +216,10 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None,
-                targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those each row holds.
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
+                last_logits: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those each row holds;
+        with `last_logits`, for the last that many positions only (0 when a prompt is only prefilled into the cache).
         With `targets` (batch, seq; < 0 ignored): (summed cross-entropy, per-token losses) instead, through the fused
         head + loss of elo.loss, which never holds the whole logits tensor."""
         T = input_ids.shape[1]
@@ -234,4 +235,4 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if targets is not None:
             return head_cross_entropy(x, self.lm_head.weight, targets)
-        return self.lm_head(x)
+        return self.lm_head(x if last_logits is None else x[:, x.shape[1] - last_logits:])
