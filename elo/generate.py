@@ -29,9 +29,9 @@ from elo.chat import render_chat, stop_token_ids
 from elo.files import atomic_write_text
 from elo.jsonl import read_jsonl
 
-# Prompts are prefilled this many tokens (over the whole batch) per forward pass, which bounds the activations held
-# at once however long the prompts.
-PREFILL_TOKENS = 512
+# Prompts are prefilled at most this many tokens (over the whole batch) per forward pass: enough for full-size
+# matrix multiplies, and a bound on the activations held at once however long the prompts.
+PREFILL_TOKENS = 4096
 
 # bench -> question file, relative to the data dir (shared/data/eval). For mt_bench_ja we take question_full.jsonl:
 # all 80 questions in MT-Bench's 8 categories, as in English (the repo's default question.jsonl has 60, without

@@ -81,7 +81,8 @@ class KVCache:
     prompts of different lengths decode side by side: a forward pass writes row b's new keys at its positions
     lengths[b], lengths[b] + 1, ..., and row b's queries see only positions up to their own. (Per-row lengths
     rather than left padding: a row's positions are its cache indices, so RoPE, the causal mask and the sliding
-    window mean the same as for a lone sequence, and rows of one length need no mask at all.)"""
+    window mean what they mean for a lone sequence; right-padded prompts prefill through the mask-free causal path,
+    their padding after the prompt where no prompt token sees it.)"""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
