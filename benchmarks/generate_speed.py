@@ -1,8 +1,8 @@
 """Batched greedy decoding: elo's `generate_batch` vs transformers' `generate`, same model, same prompts, same
 settings, in one run. Prompts are MT-Bench first turns under the model's chat template (mixed lengths: the first B
 questions, in file order). Every row decodes exactly --new-tokens tokens on both sides (no stop token: elo with an
-empty stop set, transformers with min_new_tokens), so both do the same work; tokens/s = B x new tokens / wall time,
-prefill included.
+empty stop set, transformers with no eos_token_id), so both do the same work; tokens/s = B x new tokens / wall time,
+prefill included. "rows identical" counts rows whose tokens agree (transformers pads on the left, see its docs).
 
     python benchmarks/generate_speed.py [--new-tokens 256] [--batch-sizes 1,8,32] [--threads 2]
     python benchmarks/generate_speed.py --device cuda --dtype bfloat16   # on a GPU
@@ -52,6 +52,7 @@ def main() -> None:
     ours = elo.load_model(a.model, dtype=dtype, device=a.device)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
     theirs = theirs.to(a.device).eval()
+    theirs.generation_config.eos_token_id = None  # decode the full length, as elo with no stop ids does
     tokenizer = elo.load_tokenizer(a.model)
     sizes = [int(b) for b in a.batch_sizes.split(",")]
     questions = load_questions("mt_bench", DATA)[:max(sizes)]
@@ -66,8 +67,8 @@ def main() -> None:
         ids = torch.tensor([[0] * (width - len(b)) + b for b in batch], device=a.device)
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=a.device)
         with torch.inference_mode():
-            out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens,
-                                  min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+            out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=False,
+                                  pad_token_id=0)
         return out[:, width:].tolist()
 
     generate_batch(ours, prompts[:1], 4, set())  # warm-up, both sides

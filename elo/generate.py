@@ -96,10 +96,12 @@ def _decode(model: Any, prompts: list[list[int]], limits: list[int], stops: list
     model.eval()
     device = model.model.embed_tokens.weight.device
     cache = model.new_cache(len(rows), max(len(prompts[i]) + limits[i] for i in rows))
-    # Prefill every prompt but its last token, right-padded: a padding slot sits after its row's prompt, so the causal
-    # mask keeps it out of the prompt's own keys, and the first decode step overwrites it. Each prompt's last token
-    # is then fed at its row's own position, so that every chosen token comes from the same one-token step.
-    heads = [prompts[i][:-1] for i in rows]
+    # Prompts of different lengths are prefilled right-padded, but for their last token: a padding slot sits after
+    # its row's prompt, so the causal mask keeps it out of the prompt's own keys, and the first decode step, which
+    # feeds each prompt's last token at its row's own position, overwrites it. Prompts of one length (a single one,
+    # say) are prefilled whole, and the prefill's last logits choose the first token.
+    whole = len({len(prompts[i]) for i in rows}) == 1
+    heads = [prompts[i] if whole else prompts[i][:-1] for i in rows]
     width = max(map(len, heads))
     padded = torch.zeros(len(rows), width, dtype=torch.long)
     for r, head in enumerate(heads):
@@ -107,13 +109,17 @@ def _decode(model: Any, prompts: list[list[int]], limits: list[int], stops: list
     padded = padded.to(device)
     chunk = max(1, PREFILL_TOKENS // len(rows))
     for start in range(0, width, chunk):
-        model(padded[:, start:start + chunk], cache=cache, last_logits=0)
+        logits = model(padded[:, start:start + chunk], cache=cache, last_logits=1 if whole else 0)
     cache.lengths = [len(head) for head in heads]
+
+    def step(ids: list[int]) -> torch.Tensor:
+        return model(torch.tensor(ids, dtype=torch.long, device=device)[:, None], cache=cache)
+
+    if not whole:
+        logits = step([prompts[i][-1] for i in rows])
     made = dict.fromkeys(rows, 0)
-    last = [prompts[i][-1] for i in rows]
-    while rows:
-        logits = model(torch.tensor(last, dtype=torch.long, device=device)[:, None], cache=cache)[:, -1]
-        tokens = _choose(logits, temperature, top_p, [generators[i] for i in rows])
+    while True:
+        tokens = _choose(logits[:, -1], temperature, top_p, [generators[i] for i in rows])
         keep = []
         for r, (i, token) in enumerate(zip(rows, tokens)):
             if token in stops[i]:
@@ -122,10 +128,13 @@ def _decode(model: Any, prompts: list[list[int]], limits: list[int], stops: list
             made[i] += 1
             if made[i] < limits[i]:
                 keep.append(r)
-        if keep and len(keep) < len(rows):
+        if not keep:
+            return
+        if len(keep) < len(rows):
             # compacting copies the cache once, about what one step's attention reads anyway
             cache.keep(keep)
-        rows, last = [rows[r] for r in keep], [tokens[r] for r in keep]
+        rows = [rows[r] for r in keep]
+        logits = step([tokens[r] for r in keep])
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_p: float,

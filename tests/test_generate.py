@@ -98,6 +98,9 @@ def test_batched_greedy_equals_one_at_a_time(arch, monkeypatch):
     alone = [generate(model, p, 24, stop_ids=set()) for p in MIXED]
     assert alone == [greedy_without_cache(model, p, 24) for p in MIXED]
     assert generate_batch(model, MIXED, 24, stop_ids=set()) == alone
+    # prompts of one length take the other prefill path (the last token prefilled with the rest)
+    same_length = [MIXED[3], MIXED[3][::-1]]
+    assert generate_batch(model, same_length, 24, set()) == [alone[3], generate(model, same_length[1], 24, set())]
 
 
 def batch_sizes(model: Transformer) -> list[int]:
