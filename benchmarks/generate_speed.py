@@ -2,7 +2,9 @@
 settings, in one run. Prompts are MT-Bench first turns under the model's chat template (mixed lengths: the first B
 questions, in file order). Every row decodes exactly --new-tokens tokens on both sides (no stop token: elo with an
 empty stop set, transformers with no eos_token_id), so both do the same work; tokens/s = B x new tokens / wall time,
-prefill included. "rows identical" counts rows whose tokens agree (transformers pads on the left, see its docs).
+prefill included. On a CPU shared with other work, wall time measures the neighbours as much as the code: the
+process's CPU time is given too (with --threads 1 it is the compute alone). "rows identical" counts rows whose
+tokens agree (transformers pads prompts on the left, elo keeps a length per row).
 
     python benchmarks/generate_speed.py [--new-tokens 256] [--batch-sizes 1,8,32] [--threads 2]
     python benchmarks/generate_speed.py --device cuda --dtype bfloat16   # on a GPU
@@ -25,14 +27,15 @@ from elo.generate import generate_batch, load_questions  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 
 
-def wall(fn):
+def timed(fn):
+    """fn's result, wall seconds and this process's CPU seconds."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -76,18 +79,19 @@ def main() -> None:
     rows = []
     for b in sizes:
         batch = prompts[:b]
-        mine, t_ours = wall(lambda: generate_batch(ours, batch, a.new_tokens, set()))
-        hf, t_hf = wall(lambda: hf_generate(batch))
+        mine, t_ours, cpu_ours = timed(lambda: generate_batch(ours, batch, a.new_tokens, set()))
+        hf, t_hf, cpu_hf = timed(lambda: hf_generate(batch))
         same = sum(x == y for x, y in zip(mine, hf))
-        rows.append((b, t_ours, t_hf, same))
-        print(f"batch {b}: elo {t_ours:.1f} s, transformers {t_hf:.1f} s", flush=True)
+        rows.append((b, t_ours, t_hf, cpu_ours, cpu_hf, same))
+        print(f"batch {b}: elo {t_ours:.1f} s ({cpu_ours:.1f} s CPU), transformers {t_hf:.1f} s ({cpu_hf:.1f} s CPU)",
+              flush=True)
     n = a.new_tokens
-    print(f"\n| batch | elo s | transformers s | elo tok/s | transformers tok/s | speed vs transformers | rows identical |")
-    print("|---|---|---|---|---|---|---|")
-    for b, t_ours, t_hf, same in rows:
+    print("\n| batch | elo s | transformers s | elo tok/s | transformers tok/s | speed vs transformers (wall) "
+          "| elo CPU s | transformers CPU s | speed vs transformers (CPU time) | rows identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for b, t_ours, t_hf, cpu_ours, cpu_hf, same in rows:
         print(f"| {b} | {t_ours:.1f} | {t_hf:.1f} | {b * n / t_ours:.1f} | {b * n / t_hf:.1f} | {t_hf / t_ours:.2f}x "
-              f"| {same}/{b} |")
-
+              f"| {cpu_ours:.1f} | {cpu_hf:.1f} | {cpu_hf / cpu_ours:.2f}x | {same}/{b} |")
 
 if __name__ == "__main__":
     main()
