@@ -272,8 +272,26 @@ def test_answer_text_is_the_decoded_greedy_continuation(tmp_path):
     assert first == tokenizer.decode([i for i in ids if i < 256]).strip()
 
 
+def test_batched_answers_equal_one_at_a_time(tmp_path):
+    data = tmp_path / "eval"
+    (data / "mt_bench").mkdir(parents=True)
+    turns = [["Hi", "Again"], ["A longer first question?", "ok"], ["x", "And a longer second turn, please."],
+             ["Tell me more.", "Why?"], ["Five", "5"]]
+    (data / "mt_bench" / "question.jsonl").write_text("".join(json.dumps(
+        {"question_id": n, "category": "writing", "turns": t}) + "\n" for n, t in enumerate(turns)))
+    model = tiny_model("mistral")
+    one, batched = (generate_answers(model, ByteTokenizer(), "mt_bench", data, tmp_path / f"{b}.jsonl",
+                                     max_new_tokens=12, batch_size=b) for b in (1, 3))
+    records = [[(r["question_id"], r["choices"]) for r in read_records(path)] for path in (one, batched)]
+    assert records[0] == records[1] and len(records[0]) == 5
+    assert len({r[1][0]["turns"][1] for r in records[0]}) > 1  # varied answers, not one repeated string
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate_answers(model, ByteTokenizer(), "mt_bench", data, tmp_path / "x.jsonl", batch_size=0)
+
+
 @needs_data
-def test_resume_skips_answered_questions_and_repairs_a_cut_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_resume_skips_answered_questions_and_repairs_a_cut_line(batch_size, tmp_path, monkeypatch):
     model, tokenizer = tiny_model(), ByteTokenizer()
     path = tmp_path / "answers.jsonl"
     questions = load_questions("logickor", EVAL)
@@ -285,7 +303,8 @@ def test_resume_skips_answered_questions_and_repairs_a_cut_line(tmp_path, monkey
     monkeypatch.setattr(gen, "generate_batch", lambda model, batch, *a, **k: [calls.append(1) or [104, 105]
                                                                               for _ in batch])
     with pytest.warns(UserWarning, match="truncated last line"):
-        generate_answers(model, tokenizer, "logickor", EVAL, path, max_new_tokens=2, model_id="tiny")
+        generate_answers(model, tokenizer, "logickor", EVAL, path, max_new_tokens=2, model_id="tiny",
+                         batch_size=batch_size)
     records = read_records(path)
     assert [r["question_id"] for r in records] == [q["question_id"] for q in questions]
     assert records[:5] == done and records[5]["choices"][0]["turns"] == ["hi", "hi"]
