@@ -270,6 +270,7 @@ def _say(model: Any, tokenizer: Any, messages: list[Message], stop: set[int], ar
 
 
 def main(argv: list[str] | None = None) -> None:
+    # imported here: rendering templates needs no torch, and elo.generate imports this module
     import argparse
     import sys
 
@@ -314,9 +315,9 @@ def main(argv: list[str] | None = None) -> None:
             line = input("> " if interactive else "").strip()
         except EOFError:
             break
-        command, _, text = line.partition(" ")
         if not line:
             continue
+        command, _, text = line.partition(" ")
         if command == "/exit":
             break
         if command == "/reset":
