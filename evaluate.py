@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (MMLU: subject)")
     p.add_argument("--generate", help=f"comma-separated, from: {', '.join(GENERATION_BENCHES)}")
     p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--gen-batch", type=int, default=8, help="questions --generate answers at once")
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint grading the generated answers")
     p.add_argument("--judge-model")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
@@ -136,6 +137,8 @@ def run(args: argparse.Namespace) -> None:
     for b in benches:
         if b not in GENERATION_BENCHES:
             raise ValueError(f"unknown --generate benchmark {b!r}; known: {', '.join(GENERATION_BENCHES)}")
+    if args.gen_batch < 1:
+        raise ValueError(f"--gen-batch must be >= 1, got {args.gen_batch}")
     if args.judge_url and not args.judge_model:
         raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
     if not (ppl_files or members or benches):
@@ -181,7 +184,8 @@ def run(args: argparse.Namespace) -> None:
         results["generation"] = {}
         for bench in benches:
             answers = args.out.with_name(f"{args.out.stem}.{bench}.answers.jsonl")
-            generate_answers(model, tokenizer, bench, args.data_dir, answers, max_new_tokens=args.max_new_tokens)
+            generate_answers(model, tokenizer, bench, args.data_dir, answers, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.gen_batch)
             questions = args.data_dir / QUESTION_FILES[bench]
             results["data_files"][str(questions)] = sha256_file(questions)
             results["generation"][bench] = None

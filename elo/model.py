@@ -63,7 +63,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, head_dim / 2), in fp32
+        """cos, sin (rows, 1, T, head_dim) for positions (rows, T): broadcast over the heads (and over the batch
+        when rows == 1)."""
+        freqs = positions[:, None, :, None].float() * self.inv_freq  # (rows, 1, T, head_dim / 2), in fp32
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -75,31 +77,55 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: preallocated, filled left to right."""
+    """Keys and values of every layer for incremental decoding, preallocated. Each row has its own length, so
+    prompts of different lengths decode side by side: a forward pass writes row b's new keys at its positions
+    lengths[b], lengths[b] + 1, ..., and row b's queries see only positions up to their own. (Per-row lengths
+    rather than left padding: a row's positions are its cache indices, so RoPE, the causal mask and the sliding
+    window mean what they mean for a lone sequence; right-padded prompts prefill through the mask-free causal path,
+    their padding after the prompt where no prompt token sees it.)"""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_seq_len = max_seq_len
-        self.pos = 0  # number of positions already filled
+        # positions filled in each row, kept on the host: masks and slice bounds are decided without a device sync
+        self.lengths = [0] * batch_size
+        self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # being written: see advance
+
+    def advance(self, T: int) -> Tensor:
+        """Positions (rows, T) of the next T tokens of every row; the following `update` calls write there."""
+        device = self.k[0].device
+        self.positions = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)
+        self.lengths = [n + T for n in self.lengths]
+        return self.positions
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+        end = max(self.lengths)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order: finished sequences leave the batch and stop costing compute."""
+        index = torch.tensor(rows, device=self.k[0].device)
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+        self.lengths = [self.lengths[r] for r in rows]
 
-def attention_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> Tensor | None:
-    """Boolean mask (True = attend) for queries at the last q_len of kv_len positions; None when SDPA's own
-    `is_causal` (queries and keys aligned at 0) or no mask at all (a single query, no window) is exact."""
-    if window is None or kv_len <= window:
-        if q_len == kv_len or q_len == 1:
+
+def attention_mask(starts: list[int], q_len: int, window: int | None, device: torch.device) -> Tensor | None:
+    """Boolean mask (rows, 1, q_len, kv_len) (True = attend) for q_len queries of each row starting at position
+    starts[row], over keys 0..kv_len-1 with kv_len = max(starts) + q_len. None when SDPA's own `is_causal`
+    (queries and keys aligned at 0) or no mask at all (a single query, no window) is exact: rows of one length."""
+    kv_len = max(starts) + q_len
+    if len(set(starts)) == 1 and (window is None or kv_len <= window):
+        if starts[0] == 0 or q_len == 1:
             return None
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    allowed = k_pos <= q_pos
+    q_pos = torch.tensor(starts, device=device)[:, None, None, None] + torch.arange(q_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)
+    allowed = k_pos <= q_pos  # also hides what a shorter row's slots beyond its length hold
     if window is not None:
         allowed &= q_pos - k_pos < window
     return allowed
@@ -194,25 +220,25 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None,
-                targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those it holds.
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
+                last_logits: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those each row holds;
+        with `last_logits`, for the last that many positions only (0 when a prompt is only prefilled into the cache).
         With `targets` (batch, seq; < 0 ignored): (summed cross-entropy, per-token losses) instead, through the fused
         head + loss of elo.loss, which never holds the whole logits tensor."""
         T = input_ids.shape[1]
-        start = cache.pos if cache is not None else 0
-        if cache is not None and start + T > cache.max_seq_len:
-            raise ValueError(f"KV cache holds {cache.max_seq_len} positions; {start} used + {T} new do not fit")
+        starts = cache.lengths if cache is not None else [0]
+        if cache is not None and max(starts) + T > cache.max_seq_len:
+            raise ValueError(f"KV cache holds {cache.max_seq_len} positions; {max(starts)} used + {T} new do not fit")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
-        masks = {w: attention_mask(T, start + T, w, x.device) for w in {self.config.window(i) for i in range(len(self.model.layers))}}
+        masks = {w: attention_mask(starts, T, w, x.device) for w in {self.config.window(i) for i in range(len(self.model.layers))}}
+        positions = cache.advance(T) if cache is not None else torch.arange(T, device=x.device)[None]
+        cos, sin = self.rope(positions, x.dtype)
         for i, (key, layer) in enumerate(self.model.layers.items()):
             if self.middle is not None and key in self.middle:
                 x = self.middle[key](x)
             x = layer(x, cos, sin, masks[self.config.window(i)], cache, i)
-        if cache is not None:
-            cache.pos += T
         x = self.model.norm(x)
         if targets is not None:
             return head_cross_entropy(x, self.lm_head.weight, targets)
-        return self.lm_head(x)
+        return self.lm_head(x if last_logits is None else x[:, x.shape[1] - last_logits:])

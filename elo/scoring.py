@@ -181,7 +181,7 @@ def _score_shared(model: Transformer, head: nn.Module, requests: Sequence[Reques
                 for layer in range(len(sub.k)):
                     sub.k[layer][:, :, :n] = cache.k[layer][row:row + 1, :, :n]
                     sub.v[layer][:, :, :n] = cache.v[layer][row:row + 1, :, :n]
-                sub.pos = n
+                sub.lengths = [n] * len(chunk)
                 rest = model(_padded([tails[i] for i in chunk], width, device), cache=sub)
                 scored += [(i, torch.cat([last, rest[j, :len(tails[i])]])) for j, i in enumerate(chunk)]
         _add_logprobs(head, requests, scored, out)

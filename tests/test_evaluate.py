@@ -81,6 +81,7 @@ def no_model(monkeypatch):
     (["--tasks", "kobest_copa", "--data-dir", "/nonexistent"], "(is --data-dir /nonexistent right?)"),
     (["--generate", "mt_bench_xx"], "unknown --generate benchmark 'mt_bench_xx'"),
     (["--generate", "mt_bench", "--judge-url", "http://localhost:1"], "--judge-url needs --judge-model"),
+    (["--generate", "mt_bench", "--gen-batch", "0"], "--gen-batch must be >= 1, got 0"),
     ([], "nothing to evaluate"),
     (["--compare", "/nonexistent/r.json"], "results file /nonexistent/r.json not found"),
 ])

@@ -10,7 +10,8 @@ import torch
 
 import elo.generate as gen
 from elo.config import ModelConfig
-from elo.generate import generate, generate_answers, load_questions, read_records
+from elo.generate import (chat_stop_ids, generate, generate_answers, generate_batch, load_questions,
+                          read_records)
 from elo.model import Transformer
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
@@ -62,7 +63,7 @@ PROMPTS = [[5, 17, 99], list(range(40, 63)), [200, 3, 3, 3, 150, 77, 12, 9, 250,
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_kv_cache_matches_full_recompute(arch, monkeypatch):
-    monkeypatch.setattr(gen, "PREFILL_CHUNK", 5)  # several prefill chunks, crossing the sliding window
+    monkeypatch.setattr(gen, "PREFILL_TOKENS", 5)  # several prefill chunks, crossing the sliding window
     model = tiny_model(arch)
     for prompt in PROMPTS:
         want = greedy_without_cache(model, prompt, 24)
@@ -84,6 +85,88 @@ def test_kv_cache_matches_full_recompute_on_the_default_model():
     for question in ("What is the capital of France?", "한국의 수도는 어디인가요?"):
         prompt = tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": question}]))
         assert generate(model, prompt, 8, stop_ids=set()) == greedy_without_cache(model, prompt, 8)
+
+
+# prompts of mixed lengths: shorter and longer than the sliding window, than each other and than the prefill chunk
+MIXED = [PROMPTS[1], [7], PROMPTS[0], list(range(100, 140)), PROMPTS[2], [42, 42]]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_batched_greedy_equals_one_at_a_time(arch, monkeypatch):
+    monkeypatch.setattr(gen, "PREFILL_TOKENS", 30)  # 5 tokens per row per prefill pass: several chunks
+    model = tiny_model(arch)
+    alone = [generate(model, p, 24, stop_ids=set()) for p in MIXED]
+    assert alone == [greedy_without_cache(model, p, 24) for p in MIXED]
+    assert generate_batch(model, MIXED, 24, stop_ids=set()) == alone
+    # prompts of one length take the other prefill path (the last token prefilled with the rest)
+    same_length = [MIXED[3], MIXED[3][::-1]]
+    assert generate_batch(model, same_length, 24, set()) == [alone[3], generate(model, same_length[1], 24, set())]
+
+
+def batch_sizes(model: Transformer) -> list[int]:
+    """Rows of every forward pass the model makes from now on."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_rows_stop_on_their_own_and_leave_the_batch():
+    model = tiny_model("mistral")
+    full = [greedy_without_cache(model, p, 24) for p in MIXED]
+    stop = full[0][5]  # row 0 stops at its own stop id, which the others do not stop at
+    limits = [24, 3, 24, 10, 1, 24]
+    sizes = batch_sizes(model)
+    out = generate_batch(model, MIXED, limits, [{stop}] + [set()] * 5)
+    assert out[0] == full[0][:full[0].index(stop)] and len(out[0]) <= 5
+    assert out[1:] == [f[:n] for f, n in zip(full[1:], limits[1:])]
+    decode = sizes[-24:]  # one pass per new token of the longest row, after the prefill
+    assert decode[0] == 6 and decode[-1] == 2 and decode == sorted(decode, reverse=True)
+
+
+def test_sampling_is_seeded_per_row_whatever_the_batch_holds():
+    model = tiny_model()
+    kwargs = dict(temperature=1.5, top_p=0.9)
+    alone = [generate(model, p, 20, set(), seed=s, **kwargs) for p, s in zip(MIXED, range(6))]
+    assert generate_batch(model, MIXED, 20, set(), seeds=range(6), **kwargs) == alone
+    # the same row between other neighbours, in another position, with a neighbour that stops at once
+    assert generate_batch(model, [MIXED[4], MIXED[2], MIXED[3]], [20, 20, 1], set(), seeds=[4, 2, 99],
+                          **kwargs)[:2] == [alone[4], alone[2]]
+    assert alone[0] != generate(model, MIXED[0], 20, set(), seed=6, **kwargs)
+    with pytest.raises(ValueError, match="seeds has 2 entries for 6 prompts"):
+        generate_batch(model, MIXED, 20, set(), seeds=[1, 2], **kwargs)
+
+
+@pytest.mark.slow
+def test_batched_greedy_on_the_default_model_equals_transformers_generate():
+    from transformers import AutoModelForCausalLM
+
+    from elo.chat import render_chat
+    from elo.checkpoint import load_model, resolve
+    from elo.default_model import DEFAULT_MODEL
+    from elo.tokenizer import load_tokenizer
+
+    try:
+        directory = resolve(DEFAULT_MODEL)
+    except Exception as e:  # the GGUF package is optional
+        pytest.skip(f"default model unavailable: {e}")
+    model, tokenizer = load_model(directory), load_tokenizer(directory)
+    chats = [[{"role": "user", "content": "Explain why the sky is blue."}],
+             [{"role": "user", "content": "한국의 수도는 어디인가요? 설명해 주세요."}],
+             [{"role": "system", "content": "You are a poet."},
+              {"role": "user", "content": "Write two lines about the sea, then explain the rhyme you chose."}],
+             [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+              {"role": "user", "content": "Describe it in a few sentences."}]]
+    prompts = [tokenizer.encode(render_chat(tokenizer, chat)) for chat in chats]
+    assert len({len(p) for p in prompts}) == 4
+    stop = chat_stop_ids(model, tokenizer)
+    batched = generate_batch(model, prompts, 24, stop)
+    assert batched == [generate(model, p, 24, stop) for p in prompts]
+    assert sum(map(len, batched)) > 60  # most answers run to the limit: the comparison covers many tokens
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for prompt, ours in zip(prompts, batched):
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=sorted(stop),
+                           pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == want[:len(ours)] and (len(ours) == 24 or want[len(ours)] in stop)
 
 
 def test_stops_at_a_stop_token_and_leaves_it_out():
@@ -155,7 +238,8 @@ class ByteTokenizer:
 @pytest.mark.parametrize("bench,count", [("mt_bench", 80), ("mt_bench_ja", 80), ("logickor", 42)])
 def test_answers_for_every_question(bench, count, tmp_path, monkeypatch):
     prompts = []  # the model is stubbed out here: this is about the questions, the chat turns and the file format
-    monkeypatch.setattr(gen, "generate", lambda model, ids, *a, **k: prompts.append(ids) or list(b" ok "))
+    monkeypatch.setattr(gen, "generate_batch", lambda model, batch, *a, **k: [prompts.append(ids) or list(b" ok ")
+                                                                              for ids in batch])
     model, tokenizer = tiny_model(), ByteTokenizer()
     out = generate_answers(model, tokenizer, bench, EVAL, tmp_path / "answers.jsonl", max_new_tokens=3,
                            model_id="tiny")
@@ -188,8 +272,26 @@ def test_answer_text_is_the_decoded_greedy_continuation(tmp_path):
     assert first == tokenizer.decode([i for i in ids if i < 256]).strip()
 
 
+def test_batched_answers_equal_one_at_a_time(tmp_path):
+    data = tmp_path / "eval"
+    (data / "mt_bench").mkdir(parents=True)
+    turns = [["Hi", "Again"], ["A longer first question?", "ok"], ["x", "And a longer second turn, please."],
+             ["Tell me more.", "Why?"], ["Five", "5"]]
+    (data / "mt_bench" / "question.jsonl").write_text("".join(json.dumps(
+        {"question_id": n, "category": "writing", "turns": t}) + "\n" for n, t in enumerate(turns)))
+    model = tiny_model("mistral")
+    one, batched = (generate_answers(model, ByteTokenizer(), "mt_bench", data, tmp_path / f"{b}.jsonl",
+                                     max_new_tokens=12, batch_size=b) for b in (1, 3))
+    records = [[(r["question_id"], r["choices"]) for r in read_records(path)] for path in (one, batched)]
+    assert records[0] == records[1] and len(records[0]) == 5
+    assert len({r[1][0]["turns"][1] for r in records[0]}) > 1  # varied answers, not one repeated string
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate_answers(model, ByteTokenizer(), "mt_bench", data, tmp_path / "x.jsonl", batch_size=0)
+
+
 @needs_data
-def test_resume_skips_answered_questions_and_repairs_a_cut_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_resume_skips_answered_questions_and_repairs_a_cut_line(batch_size, tmp_path, monkeypatch):
     model, tokenizer = tiny_model(), ByteTokenizer()
     path = tmp_path / "answers.jsonl"
     questions = load_questions("logickor", EVAL)
@@ -198,9 +300,11 @@ def test_resume_skips_answered_questions_and_repairs_a_cut_line(tmp_path, monkey
     # five finished answers, then a line cut off mid-write by a crash
     path.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"question_id": 6, "answ')
     calls = []
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(1) or [104, 105])
+    monkeypatch.setattr(gen, "generate_batch", lambda model, batch, *a, **k: [calls.append(1) or [104, 105]
+                                                                              for _ in batch])
     with pytest.warns(UserWarning, match="truncated last line"):
-        generate_answers(model, tokenizer, "logickor", EVAL, path, max_new_tokens=2, model_id="tiny")
+        generate_answers(model, tokenizer, "logickor", EVAL, path, max_new_tokens=2, model_id="tiny",
+                         batch_size=batch_size)
     records = read_records(path)
     assert [r["question_id"] for r in records] == [q["question_id"] for q in questions]
     assert records[:5] == done and records[5]["choices"][0]["turns"] == ["hi", "hi"]

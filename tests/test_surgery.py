@@ -13,11 +13,11 @@ from tests.test_checkpoint import tensors
 def manual_pass(model, ids, layer_numbers):
     """embed -> the chosen layers (1-based) -> norm -> head, written out by hand."""
     x = model.model.embed_tokens(ids)
-    cos, sin = model.rope(torch.arange(ids.shape[1]), x.dtype)
+    cos, sin = model.rope(torch.arange(ids.shape[1])[None], x.dtype)
     for n in layer_numbers:
         layer = model.model.layers[str(n - 1)]
         window = model.config.window(n - 1)
-        mask = elo.model.attention_mask(ids.shape[1], ids.shape[1], window, x.device)
+        mask = elo.model.attention_mask([0], ids.shape[1], window, x.device)
         x = layer(x, cos, sin, mask)
     return model.lm_head(model.model.norm(x))
 
