@@ -7,6 +7,9 @@ transformers' `apply_chat_template(messages, tokenize=False)` produces for plain
 between tokens, the quote style, `x['key']` vs `x.key` and a newline written as `\\n` do not matter; the text inside
 string literals does). A template matching no variant is an error, never a guess.
 
+Each renderer emits (text, trained) segments: the assistant's content and the token ending its turn are trained, the
+rest (system, user turns, headers) is not, so `tokenize_chats` gives SFT masks by construction.
+
 Supported (tests/test_chat.py checks each against transformers on the real template strings):
 - ChatML with or without a default system prompt: SmolLM2, Qwen2, Qwen2.5 (no tools), OpenHermes-style.
 - Llama 3 (`<|start_header_id|>`), and Llama 3.1 / 3.2 with their "Cutting Knowledge Date" system block.

@@ -20,6 +20,7 @@ from elo.files import atomic_dir
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")  # rows indexed by token id
 POLICIES = ("add", "skip")
+CHUNK = 1 << 22  # elements combined at a time (16 MB per fp32 temporary)
 
 
 def _tensor_names(reader: CheckpointReader) -> set[str]:
@@ -51,6 +52,17 @@ def _check(model: CheckpointReader, base: CheckpointReader, instruct: Checkpoint
     return shared_rows
 
 
+def _plus_scaled_difference(t: Tensor, base: Tensor, instruct: Tensor, ratio: float) -> Tensor:
+    """t + ratio * (instruct - base) on t's leading len(base) rows (all of them when shapes agree), in fp32, a chunk
+    at a time: whole-tensor fp32 temporaries of a 70B model's embedding would be several GB each."""
+    out = t.clone()  # our own memory: t may be a view of the memory-mapped file, where writes would stay resident
+    o, base, instruct = out[:len(base)].view(-1), base.reshape(-1), instruct.reshape(-1)
+    for s in range(0, len(o), CHUNK):
+        chunk = slice(s, s + CHUNK)
+        o[chunk] = (o[chunk].float() + ratio * (instruct[chunk].float() - base[chunk].float())).to(o.dtype)
+    return out
+
+
 def add_chat_vector(model: str | os.PathLike, base: str | os.PathLike, instruct: str | os.PathLike,
                     out: str | os.PathLike, ratio: float = 1.0, embeddings: str = "add") -> Path:
     """Write `model + ratio * (instruct - base)` to `out` as an HF model, streamed tensor by tensor.
@@ -75,11 +87,9 @@ def add_chat_vector(model: str | os.PathLike, base: str | os.PathLike, instruct:
             return None  # the stored copy of a tied head
         rows = shared_rows.get(name)
         if rows is None:
-            return (t.float() + ratio * (instruct_r.get(name).float() - base_r.get(name).float())).to(t.dtype)
-        if embeddings == "skip":
-            return t
-        vector = instruct_r.get_rows(name, rows).float() - base_r.get_rows(name, rows).float()
-        t[:rows] = (t[:rows].float() + ratio * vector).to(t.dtype)
+            return _plus_scaled_difference(t, base_r.get(name), instruct_r.get(name), ratio)
+        if embeddings == "add":
+            return _plus_scaled_difference(t, base_r.get_rows(name, rows), instruct_r.get_rows(name, rows), ratio)
         return t
 
     def fill(tmp: Path) -> None:

@@ -258,7 +258,6 @@ def rewrite_checkpoint(reader: CheckpointReader, directory: Path,
         if shard:
             save_file(shard, directory / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
-            del shard
     if (reader.directory / INDEX_NAME).is_file():
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -233,7 +233,8 @@ def test_two_ranks_see_together_what_one_process_sees():
         whole = single.next_batch(6)
         parts = [r.next_batch(3) for r in ranks]
         assert sorted(ids_of(whole)) == sorted(ids_of(parts[0]) + ids_of(parts[1]))
-        assert all(abs(p.inputs.shape[1] - whole.inputs.shape[1]) <= whole.inputs.shape[1] for p in parts)
+        # each rank pads to its own longest row; the longest of all lands on one of them
+        assert max(p.inputs.shape[1] for p in parts) == whole.inputs.shape[1]
     assert all(r.state_dict() == single.state_dict() for r in ranks)
 
 

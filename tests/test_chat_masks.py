@@ -15,6 +15,7 @@ import elo
 from elo.chat import tokenize_chats
 from elo.tokenizer import load_tokenizer
 from tests.test_chat import SYSTEM, TEMPLATES
+from tests.test_tokenizer import corpus, spm_dir  # noqa: F401 (fixtures)
 
 FAMILY_TOKENS = {"llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                  "mistral-v0.3": ["[INST]", "[/INST]"]}  # besides BOS and EOS
@@ -122,3 +123,35 @@ def test_straddling_token_is_refused_not_guessed(smollm2_dir, tmp_path):
     fine = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "Y marks the spot"}]
     out = tokenize_chats(tok, [straddles, fine])
     assert out[0] is None and out[1] is not None
+
+
+@pytest.mark.parametrize("name", ["mistral-v0.1", "mistral-v0.2", "mistral-2024"])
+def test_masks_with_a_sentencepiece_tokenizer(name, spm_dir, tmp_path):
+    """Mistral v0.1 / v0.2 ship a sentencepiece tokenizer in which [INST] is plain text: the space that starts the
+    answer joins its first word ("▁Hi"), so the answer's tokens must still be found exactly."""
+    from tests.test_chat import hf_tokenizer
+
+    template, family, bos, eos = TEMPLATES[name]
+    directory, reference = spm_dir
+    local = tmp_path / "spm"
+    shutil.copytree(directory, local)
+    (local / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": bos,
+                                                             "eos_token": eos, "add_bos_token": False}))
+    ours, jinja = load_tokenizer(local), hf_tokenizer(bos, eos)
+    for conv_name, messages in CONVERSATIONS.items():
+        if messages[0]["role"] == "system" and name != "mistral-2024":
+            continue
+        text = jinja.apply_chat_template(messages, tokenize=False, chat_template=template)
+        [(ids, flags)] = tokenize_chats(ours, [messages])
+        assert ids == reference.encode(text, add_special_tokens=False).ids, f"{name} / {conv_name}"
+        answers = [LEAD.get(family, "") + m["content"] + eos for m in messages if m["role"] == "assistant"]
+        runs = trained_runs(ids, flags)
+        assert len(runs) == len(answers)
+        # sentencepiece decoding drops the space a run starts with: join the pieces' bytes instead
+        assert [piece_text(reference, run) for run in runs] == answers, f"{name} / {conv_name}"
+
+
+def piece_text(reference, ids: list[int]) -> str:
+    pieces = (reference.id_to_token(i) for i in ids)
+    return b"".join(bytes([int(p[3:5], 16)]) if p.startswith("<0x") else p.replace("▁", " ").encode()
+                    for p in pieces).decode()
