@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elo.builders import LoRAOptions, full_spec, materialize, spliced_spec, train_only_layers
+from elo.builders import LoRAOptions, check_context, full_spec, normalize_model, materialize, spliced_spec, train_only_layers
 from elo.checkpoint import load_config
-from elo.cli import option
-from elo.pretrain import TextDataConfig, check_context, normalize_model, parse_config
+from elo.cli import option, parse_config
+from elo.pretrain import TextDataConfig
 from elo.trainer import LoopConfig, check_run_dir, run_stage, validation_loss
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbB]?)\s*$")

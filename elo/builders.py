@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from elo import distributed
-from elo.cli import option
 from elo.checkpoint import CheckpointReader, disk_name, load_config, resolve
+from elo.cli import option
 from elo.config import ModelConfig
 from elo.files import atomic_dir
 from elo.lora import LoRALinear, add_lora
@@ -54,6 +54,17 @@ class ModelSpec:
     name_or_path: str  # tokenizer and side files are copied from here on export
     lora: tuple[int, float] | None = None  # (rank, alpha) when LoRA adapters are added
     trainable: Callable[[str], bool] = field(default=lambda name: True)  # which parameters train
+
+
+def normalize_model(model: str) -> str:
+    """A local model directory as an absolute path (so a run compares equal however it was spelled); else as is."""
+    return str(Path(model).resolve()) if Path(model).expanduser().is_dir() else model
+
+
+def check_context(seq_len: int, model: str) -> None:
+    limit = load_config(resolve(model)).max_position_embeddings
+    if seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens")
 
 
 def checkpoint_sources(directory: Path, config: ModelConfig) -> dict[str, TensorSource]:

@@ -94,3 +94,15 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[
             kw["help"] += f" (default {kw['default']})"
         parser.add_argument(flag, **kw)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
+    """A stage config from the command line: one option per dataclass field."""
+    p = ArgumentParser(description=description)
+    add_dataclass_options(p, cls)
+    a = vars(p.parse_args(argv))
+    a.pop("debug")
+    for f in dataclasses.fields(cls):
+        if "parse" in f.metadata and f.name in a:
+            a[f.name] = f.metadata["parse"](a[f.name])
+    return cls(**a)

@@ -13,16 +13,15 @@ from pathlib import Path
 import torch
 
 from elo import distributed
-from elo.builders import LoRAOptions, ModelSpec, elo_spec, full_spec
-from elo.checkpoint import load_config, resolve
-from elo.cli import ArgumentParser, add_dataclass_options, option
+from elo.builders import LoRAOptions, ModelSpec, check_context, elo_spec, full_spec, normalize_model
+from elo.cli import option, parse_config
 from elo.data import build_dataset, parse_data, parse_mix
 from elo.default_model import DEFAULT_MODEL
 from elo.run_dir import RunDir
 from elo.trainer import LoopConfig, check_run_dir, run_stage
 
 
-def _data_specs(specs: list[str]) -> dict[str, list[str]]:
+def data_specs(specs: list[str]) -> dict[str, list[str]]:
     """Repeated `--data LANG=PATH` -> {lang: [absolute paths]}; a repeated language adds files."""
     return {lang: [str(p.resolve()) for p in paths] for lang, paths in parse_data(specs).items()}
 
@@ -32,7 +31,7 @@ class TextDataConfig:
     """Pretraining text: files per language and their mix (train.py and align.py)."""
     data: dict[str, list[str]] = field(default_factory=dict, metadata=option(
         "text for a language (JSONL or .txt); repeat for more languages or files", repeat=True,
-        metavar="LANG=PATH", parse=_data_specs, required=True))
+        metavar="LANG=PATH", parse=data_specs, required=True))
     mix: str | None = field(default=None, metadata=option("token proportions, e.g. en:1,ko:9 (default 1:9 English:"
                                                          "target for English + one language)"))
     text_field: str = field(default="text", metadata=option("JSONL field holding the text", flag="--field"))
@@ -100,31 +99,6 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
                 raise ValueError("--layers all is full fine-tuning")
             return elo_spec(self.model, self.layers, self.train_embeddings)
         return self.with_lora(full_spec(self.model), self.seed)
-
-
-def normalize_model(model: str) -> str:
-    """A local model directory as an absolute path (so a run compares equal however it was spelled); else as is."""
-    return str(Path(model).resolve()) if Path(model).expanduser().is_dir() else model
-
-
-def check_context(seq_len: int, model: str) -> None:
-    limit = load_config(resolve(model)).max_position_embeddings
-    if seq_len > limit:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens")
-
-
-def parse_config(cls, argv: list[str] | None, description: str):
-    """A stage config from the command line: one option per dataclass field."""
-    import dataclasses
-
-    p = ArgumentParser(description=description)
-    add_dataclass_options(p, cls)
-    a = vars(p.parse_args(argv))
-    a.pop("debug")
-    for f in dataclasses.fields(cls):
-        if "parse" in f.metadata and f.name in a:
-            a[f.name] = f.metadata["parse"](a[f.name])
-    return cls(**a)
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

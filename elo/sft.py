@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elo import distributed
-from elo.builders import LoRAOptions, full_spec
-from elo.cli import option
+from elo.builders import LoRAOptions, check_context, full_spec, normalize_model
+from elo.cli import option, parse_config
 from elo.data import parse_mix
 from elo.files import MARKER
-from elo.pretrain import _data_specs, check_context, normalize_model, parse_config
+from elo.pretrain import data_specs
 from elo.trainer import LoopConfig, check_run_dir, run_stage
 
 
@@ -25,7 +25,7 @@ class SFTConfig(LoopConfig, LoRAOptions):
                                       "a hub id"))
     data: dict[str, list[str]] = field(default_factory=dict, metadata=option(
         "chat JSONL (ShareGPT 'conversations' or OpenAI 'messages') for a language; repeat for more",
-        repeat=True, metavar="LANG=PATH", parse=_data_specs, required=True))
+        repeat=True, metavar="LANG=PATH", parse=data_specs, required=True))
     mix: str | None = field(default=None, metadata=option("conversation proportions, e.g. ko:1,en:1 (default equal)"))
     val_conversations: int | None = field(default=None, metadata=option(
         "held-out conversations per language (default 1%%, at least 1, at most 128)"))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import elo
-from elo.align import AlignConfig, align, parse_config, parse_tokens
+from elo.align import AlignConfig, align, parse_tokens
+from elo.cli import parse_config
 from elo.checkpoint import CheckpointReader, load_config, memory_name
 from elo.data import build_dataset
 from elo.pretrain import config_from_args, train

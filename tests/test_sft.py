@@ -95,7 +95,7 @@ def test_chat_vector_then_epochs(chats, tmp_path, monkeypatch):
     import shutil
 
     from elo.sft import SFTConfig, sft
-    from elo.pretrain import parse_config
+    from elo.cli import parse_config
 
     _, _, model = chats
     base = tmp_path / "base"
