@@ -170,7 +170,7 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], langs: list[str], pad
         n = len(ids) - 1
         inputs[row, :n] = ids[:-1]
         targets[row, :n] = torch.where(torch.from_numpy(np.asarray(trained[1:], dtype=bool)), ids[1:], -1)
-    return Batch(inputs, targets, langs)
+    return Batch(inputs, targets, langs, real_tokens=sum(len(ids) - 1 for ids, _ in examples))
 
 
 class ChatSource(LanguageMix):

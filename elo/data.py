@@ -50,8 +50,14 @@ class TextTokenizer(Protocol):
 @dataclass
 class Batch:
     inputs: torch.Tensor  # LongTensor [B, T]
-    targets: torch.Tensor  # LongTensor [B, T]: inputs shifted left by one
+    targets: torch.Tensor  # LongTensor [B, T]: the next token where trained, -1 where not (padding, prompts)
     langs: list[str]  # language of each row
+    real_tokens: int | None = None  # input tokens that are not padding (None: all of them)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the model reads, padding excluded: what throughput and MFU count."""
+        return self.inputs.numel() if self.real_tokens is None else self.real_tokens
 
 
 @dataclass(frozen=True)

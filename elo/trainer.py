@@ -208,8 +208,8 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [source.next_batch(cfg.batch_size) for _ in range(cfg.grad_accum)]
-            local = torch.tensor([float((b.targets >= 0).sum()) for b in batches]).sum().view(1)
-            n_global = distributed.all_reduce_sum(local, d).item()
+            local = torch.tensor([[float((b.targets >= 0).sum()), float(b.num_tokens)] for b in batches]).sum(0)
+            n_global, read_global = distributed.all_reduce_sum(local, d).tolist()
             if n_global == 0:
                 raise ValueError(f"step {step + 1}: the global batch has no target tokens")
             # FSDP averages gradients over ranks: scale by world_size so the result is sum / global count
@@ -241,8 +241,8 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
 
             dt = time.perf_counter() - t0
             record = {
-                "step": step, "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": n_global / dt,
-                "step_time_s": dt, "mfu": mfu(flops_per_token * n_global / dt, peak), "grad_norm": grad_norm.item(),
+                "step": step, "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": read_global / dt,
+                "step_time_s": dt, "mfu": mfu(flops_per_token * read_global / dt, peak), "grad_norm": grad_norm.item(),
                 "peak_memory_gb": timer.peak_memory_gb(d.device),
             }
             record |= {f"loss/{l}": (s / n).item() for l, (s, n) in zip(source.langs, stacked) if n > 0}
