@@ -41,9 +41,10 @@ class RunDir:
 
     # ---- the run's arguments ----
 
-    def check(self, config: dict, resume: bool, volatile: set[str]) -> None:
+    def check(self, config: dict, resume: bool, volatile: set[str], defaults: dict | None = None) -> None:
         """Refuse an `--out` that holds something else, or a `--resume` with other arguments (keys in `volatile`
-        may change). Cheap and read-only: call it before any expensive work."""
+        may change; an option the saved run predates counts as its default). Cheap and read-only: call it before
+        any expensive work."""
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out} is a file; expected a directory")
         saved = self.out / CONFIG_NAME
@@ -56,7 +57,7 @@ class RunDir:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{saved} is not valid JSON ({e.msg}); it was not written by elo") from None
             mine = {k: v for k, v in config.items() if k not in volatile}
-            theirs = {k: v for k, v in theirs.items() if k not in volatile}
+            theirs = {k: v for k, v in ({**(defaults or {}), **theirs}).items() if k not in volatile}
             diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             if diff:
                 raise ValueError(f"--resume with different arguments than the run in {self.out}: "
@@ -132,9 +133,9 @@ class RunDir:
         except (OSError, RuntimeError) as e:
             free = shutil.disk_usage(self.checkpoints).free / 1e9
             raise OSError(f"writing checkpoint {final} failed ({e}); {free:.2f} GB free on its filesystem") from e
-        fsync_tree(tmp)
-        distributed.barrier(d)
+        distributed.barrier(d)  # every rank's files are complete
         if d.main:
+            fsync_tree(tmp)
             if final.exists():  # a damaged one that resuming fell back past
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -307,7 +307,8 @@ def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance:
 def check_run_dir(cfg: LoopConfig) -> RunDir | None:
     """Check `--out` against this run before any work; None when `--resume` finds the run already finished."""
     run = RunDir(cfg.out)
-    run.check(cfg.record(), cfg.resume, cfg.VOLATILE)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    run.check(cfg.record(), cfg.resume, cfg.VOLATILE, defaults)
     if cfg.resume and run.finished:
         print(f"{run.out} holds a finished run (its model is in {run.model}); nothing to do", flush=True)
         return None
