@@ -590,7 +590,7 @@ def run(p: Plan, start: str | None = None) -> Path:
         t0 = time.perf_counter()
         if name in SCRIPTS:
             if stage.finished:
-                banner(f"stage {name}: finished earlier ({stage.model}); skipped")
+                print(f"== stage {name}: finished earlier ({stage.model}); skipped", flush=True)
                 continue
             resume = (stage.out / CONFIG_NAME).is_file() or bool(RunDir(stage.out).complete_checkpoints())
             argv = stage.argv + (["--resume"] if resume else [])
@@ -600,7 +600,7 @@ def run(p: Plan, start: str | None = None) -> Path:
         elif name == "chat_vector":
             command = _chat_vector_command(stage)
             if stage.finished:
-                banner(f"stage chat_vector: finished earlier ({stage.model}); skipped")
+                print(f"== stage chat_vector: finished earlier ({stage.model}); skipped", flush=True)
                 continue
             banner("stage chat_vector")
             print(shlex.join(command), flush=True)
@@ -611,11 +611,17 @@ def run(p: Plan, start: str | None = None) -> Path:
             atomic_write_text(stage.out / "command.json", json.dumps(command) + "\n")
         else:
             ev = _evaluate_module()
+            todo = {}
             for model_name, argv in stage.evals.items():
                 results, made_by = stage.out / f"{model_name}.json", stage.out / f"{model_name}.command.json"
                 if results.is_file() and _same_as_before(made_by, argv):
-                    banner(f"evaluate {model_name}: done earlier ({results}); skipped")
-                    continue
+                    print(f"== evaluate {model_name}: done earlier ({results}); skipped", flush=True)
+                else:
+                    todo[model_name] = argv
+            if not todo:
+                continue
+            for model_name, argv in todo.items():
+                made_by = stage.out / f"{model_name}.command.json"
                 banner(f"evaluate {model_name}")
                 print(shlex.join(["python", os.path.relpath(REPO / "evaluate.py"), *argv]), flush=True)
                 ev.main(argv)
