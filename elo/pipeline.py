@@ -40,10 +40,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setu
     import tomli as tomllib
 
 from elo.align import AlignConfig
-from elo.cli import _base_type
+from elo.cli import _base_type, parse_config
 from elo.default_model import DEFAULT_MODEL
 from elo.files import MARKER, atomic_write_text
-from elo.pretrain import TrainConfig, parse_config
+from elo.pretrain import TrainConfig
 from elo.run_dir import CONFIG_NAME, RunDir
 from elo.sft import SFTConfig
 
@@ -60,8 +60,9 @@ SET_BY_PIPELINE = {"model", "data", "out", "resume", "elo", "chat_vector_base", 
                    "chat_vector_ratio"}
 # align inherits these from [train] (so it continues ELO's data stream and holds out the same text)
 TEXT_KEYS = ("seq_len", "val_tokens", "mix", "text_field", "seed", "cache_dir")
-# the baselines run on ELO's data and budget: they inherit [train] and may not change these
-BUDGET_KEYS = ("seq_len", "max_steps", "val_tokens", "mix", "text_field", "seed", "layers", "train_embeddings")
+# the baselines run on ELO's data and budget: they inherit [train] but its ELO-only options, and may not change these
+ELO_ONLY = ("layers", "train_embeddings", "middle", "middle_tokens")
+BUDGET_KEYS = ("seq_len", "max_steps", "val_tokens", "mix", "text_field", "seed", *ELO_ONLY)
 CHAT_VECTOR_KEYS = {"base": str, "instruct": str, "ratio": float, "embeddings": str}
 EVAL_KEYS = {"models": list, "tasks": list, "data_dir": str, "limit": int, "num_fewshot": int, "batch_tokens": int,
              "dtype": str, "device": str}
@@ -213,7 +214,7 @@ def _baseline_table(name: str, table: dict, train_table: dict, base: Path) -> di
         if key in table:
             raise _key_error(f"{name}.{key}", "the baselines run on the data and budget of [train]; set it there")
     _check_table(name, table, TrainConfig, base)
-    table = {k: v for k, v in train_table.items() if k not in ("layers", "train_embeddings")} | table
+    table = {k: v for k, v in train_table.items() if k not in ELO_ONLY} | table
     table["layers"] = "all"
     if name == "lora" and not table.get("lora_rank"):
         raise _key_error("lora.lora_rank", "missing; the LoRA baseline needs a rank, e.g. 16")
@@ -388,7 +389,7 @@ def stage_config(p: Plan, stage: Stage):
     work (model files only when local: a hub id is not downloaded)."""
     from elo.align import parse_tokens
     from elo.align import plan as align_plan
-    from elo.pretrain import check_context
+    from elo.builders import check_context
 
     cfg = parse_config(CONFIGS[stage.name], stage.argv, stage.name)
     if stage.name == "align":
