@@ -207,6 +207,29 @@ def test_sigkill_mid_stage_then_rerun_resumes(finished, recipe, tmp_path, capsys
     assert _metrics(json.loads((out / "report.json").read_text())) == resumed
 
 
+@pytest.mark.slow
+def test_two_processes_run_under_torchrun_like_one(finished, recipe, tmp_path, capsys):
+    """nproc = 2: each stage is the torchrun command it prints; with half the micro-batch per process the two ranks
+    see the single-process run's batches, so losses and held-out perplexity agree (FSDP2 sums in another order)."""
+    short = (recipe.parent / "short.toml").read_text()
+    two = recipe.parent / "two.toml"
+    # half of each micro-batch per process (align's default is 4); eval_batches 4 still covers the 3 held-out windows
+    two.write_text("nproc = 2\n" + short.replace("batch_size = 2", "batch_size = 1").replace("save_every = 2\n", "")
+                   .replace("eval_batches = 2", "eval_batches = 4").replace("[align]\n", "[align]\nbatch_size = 2\n"))
+    out = tmp_path / "out"
+    pipeline.main([str(two), "--out", str(out)])
+    assert "torchrun --standalone --nproc_per_node 2 " in capsys.readouterr().out
+    two_procs, one = (_metrics(json.loads((d / "report.json").read_text())) for d in (out, finished))
+    for stage in ("train", "align"):
+        a, b = two_procs["stages"][stage], one["stages"][stage]
+        assert (a["steps"], a["tokens"]) == (b["steps"], b["tokens"])
+        assert a["final_loss"] == pytest.approx(b["final_loss"], abs=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    for lang, r in two_procs["evaluation"]["align"]["heldout"].items():
+        assert r["nll_per_token"] == pytest.approx(one["evaluation"]["align"]["heldout"][lang]["nll_per_token"],
+                                                   abs=1e-4)
+
+
 def test_dry_run_on_every_recipe(tmp_path, monkeypatch, capsys):
     """Every recipe in recipes/ plans and checks offline: hub ids are never downloaded (the hub is made to fail)."""
     import huggingface_hub
