@@ -94,12 +94,21 @@ class Plan:
     stages: dict[str, Stage]
     eval_models: dict[str, str]  # name -> model directory or id, in MODELS order
 
-    def command(self, stage: Stage) -> list[str]:
-        """The exact shell command of a script stage (what runs in-process is `main(argv)` of that script)."""
-        script = os.path.relpath(REPO / SCRIPTS[stage.name])
-        if self.nproc == 1:
-            return ["python", script, *stage.argv]
-        return ["torchrun", "--standalone", "--nproc_per_node", str(self.nproc), script, *stage.argv]
+    def commands(self, stage: Stage) -> dict[str, list[str]]:
+        """The exact shell command of a stage, {stage: command} (evaluation: {model: command}). What runs in this
+        process is the same script's `main(argv)` (the chat vector: the function the command calls)."""
+        if stage.name in SCRIPTS:
+            launch = ["python"] if self.nproc == 1 else ["torchrun", "--standalone", "--nproc_per_node",
+                                                         str(self.nproc)]
+            return {stage.name: [*launch, os.path.relpath(REPO / SCRIPTS[stage.name]), *stage.argv]}
+        if stage.name == "chat_vector":
+            c = stage.chat_vector
+            args = ", ".join(json.dumps(a) for a in (c["model"], c["base"], c["instruct"], str(stage.model),
+                                                     c["ratio"], c["embeddings"]))
+            return {stage.name: ["python", "-c", f"from elo.chat_vector import add_chat_vector; "
+                                                 f"add_chat_vector({args})"]}
+        script = os.path.relpath(REPO / "evaluate.py")
+        return {model: ["python", script, *argv] for model, argv in stage.evals.items()}
 
 
 # ---- reading a recipe ----
@@ -417,14 +426,6 @@ def stage_config(p: Plan, stage: Stage):
     return cfg
 
 
-def _chat_vector_command(stage: Stage) -> list[str]:
-    c = stage.chat_vector
-    args = ", ".join(json.dumps(a) for a in (c["model"], c["base"], c["instruct"], str(stage.model), c["ratio"],
-                                             c["embeddings"]))
-    call = f"from elo.chat_vector import add_chat_vector; add_chat_vector({args})"
-    return ["python", "-c", call]
-
-
 def _check_chat_vector(stage: Stage) -> list[str]:
     from elo.chat_vector import POLICIES
 
@@ -540,7 +541,7 @@ def check_stage(p: Plan, stage: Stage, existing: bool = True) -> list[str]:
     elif stage.name == "chat_vector":
         notes += _check_chat_vector(stage)
         if existing and stage.finished and not _same_as_before(stage.out / "command.json",
-                                                               _chat_vector_command(stage)):
+                                                               p.commands(stage)["chat_vector"]):
             raise ValueError(f"stage chat_vector in {stage.out} was made with other arguments; run it again with "
                              f"--from chat_vector")
     else:
@@ -551,20 +552,12 @@ def check_stage(p: Plan, stage: Stage, existing: bool = True) -> list[str]:
     return notes
 
 
-def _commands(p: Plan, stage: Stage) -> list[list[str]]:
-    if stage.name in SCRIPTS:
-        return [p.command(stage)]
-    if stage.name == "chat_vector":
-        return [_chat_vector_command(stage)]
-    return [["python", os.path.relpath(REPO / "evaluate.py"), *argv] for argv in stage.evals.values()]
-
-
 def dry_run(p: Plan) -> None:
     """Print every stage's commands and check its arguments, data and (local) models; trains nothing."""
     check_out(p.out)
     for name, stage in p.stages.items():
         banner(f"stage {name} (dry run)")
-        for command in _commands(p, stage):
+        for command in p.commands(stage).values():
             print(shlex.join(command), flush=True)
         for note in check_stage(p, stage):
             print(f"note: {note}", flush=True)
@@ -596,10 +589,10 @@ def run(p: Plan, start: str | None = None) -> Path:
             resume = (stage.out / CONFIG_NAME).is_file() or bool(RunDir(stage.out).complete_checkpoints())
             argv = stage.argv + (["--resume"] if resume else [])
             banner(f"stage {name}" + (" (resuming)" if resume else ""))
-            print(shlex.join(p.command(stage) + (["--resume"] if resume else [])), flush=True)
+            print(shlex.join(p.commands(stage)[name] + (["--resume"] if resume else [])), flush=True)
             _run_script(p, stage, argv)
         elif name == "chat_vector":
-            command = _chat_vector_command(stage)
+            command = p.commands(stage)[name]
             if stage.finished:
                 print(f"== stage chat_vector: finished earlier ({stage.model}); skipped", flush=True)
                 continue
@@ -624,7 +617,7 @@ def run(p: Plan, start: str | None = None) -> Path:
             for model_name, argv in todo.items():
                 made_by = stage.out / f"{model_name}.command.json"
                 banner(f"evaluate {model_name}")
-                print(shlex.join(["python", os.path.relpath(REPO / "evaluate.py"), *argv]), flush=True)
+                print(shlex.join(p.commands(stage)[model_name]), flush=True)
                 ev.main(argv)
                 atomic_write_text(made_by, json.dumps(argv) + "\n")
         _record_time(p, name, time.perf_counter() - t0)

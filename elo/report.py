@@ -33,11 +33,9 @@ def machine() -> dict:
 def stage_summary(p, name: str, timings: dict) -> dict:
     """One stage's numbers from its run directory."""
     stage = p.stages[name]
-    summary: dict = {"wall_s": round(sum(timings.get(name, [])), 1), "output": str(stage.model)}
+    summary: dict = {"wall_s": round(sum(timings.get(name, [])), 1), "output": str(stage.model),
+                     "command": shlex.join(p.commands(stage)[name])}
     if name == "chat_vector":
-        from elo.pipeline import _chat_vector_command
-
-        summary["command"] = shlex.join(_chat_vector_command(stage))
         return summary
     records = RunDir(stage.out).records()
     steps = [r for r in records if "loss" in r]
@@ -46,25 +44,22 @@ def stage_summary(p, name: str, timings: dict) -> dict:
     final = {k: v for r in records for k, v in r.items() if k.startswith(("val_loss/", "base_val_loss/"))}
     summary |= {"steps": provenance["steps"], "tokens": provenance["tokens"], "train_s": round(train_s, 1),
                 "tokens_per_s": round(provenance["tokens"] / train_s, 1) if train_s else None,
-                "final_loss": steps[-1]["loss"] if steps else None, "val_loss": final,
-                "command": shlex.join(p.command(stage))}
+                "final_loss": steps[-1]["loss"] if steps else None, "val_loss": final}
     return summary
 
 
 def evaluation_summary(p) -> dict:
-    from elo.pipeline import REPO
-
     stage = p.stages.get("evaluate")
     if stage is None:
         return {}
     out = {}
-    for name, argv in stage.evals.items():
+    for name, command in p.commands(stage).items():
         results = json.loads((stage.out / f"{name}.json").read_text())
         out[name] = {"model": results["model"],
                      "heldout": {lang: {"perplexity": r["perplexity"], "nll_per_token": r["nll_per_token"],
                                         "tokens": r["tokens"]} for lang, r in results.get("heldout", {}).items()},
                      "tasks": results.get("tasks", {}),
-                     "command": shlex.join(["python", os.path.relpath(REPO / "evaluate.py"), *argv])}
+                     "command": shlex.join(command)}
     return out
 
 
