@@ -2,9 +2,9 @@
 PNG figures when matplotlib (the `plot` extra) is installed.
 
 Per stage: wall time (the pipeline's clock, every attempt that finished), training time (the sum of step times in
-metrics.jsonl, so a resumed run counts each step once), tokens (elo_run.json) and tokens/s, final losses. Per
-evaluated model: held-out perplexity per language and the task metrics, as evaluate.py wrote them. Every number
-comes with the command that reproduces it.
+metrics.jsonl, so a resumed run counts each step once), trained tokens (elo_run.json), tokens read per second, final
+losses. Per evaluated model: held-out perplexity per language and the task metrics, as evaluate.py wrote them. Every
+number comes with the command that reproduces it.
 """
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ def stage_summary(p, name: str, timings: dict) -> dict:
     steps = [r for r in records if "loss" in r]
     provenance = json.loads((stage.model / "elo_run.json").read_text())
     train_s = sum(r["step_time_s"] for r in steps)
+    read = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)  # tokens the model read (the loop's throughput)
     final = {k: v for r in records for k, v in r.items() if k.startswith(("val_loss/", "base_val_loss/"))}
     summary |= {"steps": provenance["steps"], "tokens": provenance["tokens"], "train_s": round(train_s, 1),
-                "tokens_per_s": round(provenance["tokens"] / train_s, 1) if train_s else None,
+                "tokens_per_s": round(read / train_s, 1) if train_s else None,
                 "final_loss": steps[-1]["loss"] if steps else None, "val_loss": final}
     return summary
 
@@ -142,8 +143,9 @@ def markdown(report: dict) -> str:
                      f"{_fmt(s.get('final_loss'))} | {val or '-'} |")
     lines += ["", "wall s: the pipeline's clock for the stage (loading, training, validation, export; every attempt that "
               "finished). train s: the sum of step times in metrics.jsonl (each step once, however often the run was "
-              "resumed). tokens: the target tokens the loss covered (SFT: assistant tokens only). The train stage's losses are "
-              "the 2-layer ELO submodel's alone; its spliced model is scored below as `train`."]
+              "resumed). tokens: the target tokens the loss covered (SFT: assistant tokens only). tokens/s: the tokens "
+              "the model read per second of training (padding excluded), as the training log counts them. The train "
+              "stage's losses are the 2-layer ELO submodel's alone; its spliced model is scored below as `train`."]
     evaluation = report["evaluation"]
     if evaluation:
         langs = sorted({lang for e in evaluation.values() for lang in e["heldout"]})
