@@ -2,11 +2,16 @@
 MT-Bench-style generation graded by an LLM judge; or compare result files side by side.
 
     python evaluate.py --model M --ppl ko=ko.jsonl --ppl en=en.jsonl [--max-docs N] [--seq-len L] --out results.json
+    python evaluate.py --model M --ppl-heldout runs/elo-ko     # exactly the text a train.py / align.py run held out
     python evaluate.py --model M --tasks kobest_copa,mmlu --data-dir ../shared/data/eval [--num-fewshot K] [--limit N]
     python evaluate.py --model M --generate mt_bench --judge-url URL --judge-model NAME [--judge-key-env VAR]
     python evaluate.py --compare a.json b.json ...
 
 Perplexity files are JSON Lines with a "text" field. Task names and their lm-eval counterparts: elo/tasks.py.
+`--ppl-heldout RUN_DIR` rebuilds the token stream of a training run from its train_config.json (the run's tokenizer,
+data, field, seq_len, val_tokens) and scores the held-out windows its validation used, per language: text that run
+never trained on. Progress per perplexity file and per task (requests done / total, elapsed, ETA) goes to stderr, at
+most every 10% and 5 s.
 Every option, file and --out is checked before the model loads; a bad one is a one-line `error: ...` with exit
 status 2 (`--debug` shows the traceback). The table is printed before the results file is written. Exit status 2
 also when a judge was given but graded nothing (its judgments file says why; rerunning judges only what failed).
@@ -15,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import elo
@@ -59,6 +67,66 @@ def load_texts(path: Path, max_docs: int | None) -> list[str]:
     return texts
 
 
+class Progress:
+    """lm-eval-style progress on stderr: `label: done/total (pct) elapsed Xs, eta Ys`, printed when at least 10% more
+    is done and 5 s have passed since the last line (or 60 s have), and once at the end."""
+
+    def __init__(self, label: str):
+        self.label, self.start = label, time.monotonic()
+        self.last_time, self.last_done = self.start, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        step = done - self.last_done >= total / 10 and now - self.last_time >= 5
+        if done < total and not step and now - self.last_time < 60:
+            return
+        elapsed = now - self.start
+        eta = elapsed / done * (total - done) if done else float("nan")
+        print(f"{self.label}: {done}/{total} requests ({done / total:.0%}), elapsed {elapsed:.0f}s, eta {eta:.0f}s",
+              file=sys.stderr, flush=True)
+        self.last_time, self.last_done = now, done
+
+
+def heldout_plan(run_dir: Path) -> dict:
+    """What a training run held out, from its train_config.json: {tokenizer, seq_len, val_tokens, field, cache_dir,
+    data}. Cheap: reads one JSON file."""
+    config_file = Path(run_dir) / "train_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--ppl-heldout {run_dir}: no train_config.json; expected a train.py or align.py "
+                                f"run directory")
+    config = json.loads(config_file.read_text())
+    if "text_field" not in config:
+        raise ValueError(f"--ppl-heldout {run_dir}: not a text run (train.py or align.py); its held-out data is "
+                         f"not text")
+    return {"tokenizer": config.get("base") or config["model"], "seq_len": config["seq_len"],
+            "val_tokens": config["val_tokens"], "field": config["text_field"], "cache_dir": config["cache_dir"],
+            "data": config["data"]}
+
+
+def heldout_windows(plan: dict) -> dict[str, np.ndarray]:
+    """Per language, the run's held-out windows [n, seq_len + 1] (input w[:-1], target w[1:]), exactly as its
+    validation read them: the run's token cache (rebuilt with the run's tokenizer if missing), split by elo.data.Corpus."""
+    from elo.data import Corpus, tokenize_files
+
+    tokenizer = elo.load_tokenizer(plan["tokenizer"])
+    out = {}
+    for lang, files in sorted(plan["data"].items()):
+        tokens, _, _ = tokenize_files(files, tokenizer, plan["cache_dir"], plan["field"])
+        corpus = Corpus(lang, tokens, plan["seq_len"], plan["val_tokens"])
+        out[lang] = np.stack([corpus.val_window(i) for i in range(corpus.num_val)]).astype(np.int64)
+    return out
+
+
+def heldout_perplexity(model, windows: np.ndarray, batch_tokens: int, label: str) -> dict[str, float]:
+    """Mean NLL per target token and perplexity over held-out windows (the first token of each is context only)."""
+    seq_len = windows.shape[1] - 1
+    requests = [([int(w[0])], w[1:].tolist()) for w in windows]
+    nll = -sum(scoring.loglikelihoods(model, requests, batch_tokens, max_length=seq_len, progress=Progress(label)))
+    tokens = windows.shape[0] * seq_len
+    return {"windows": windows.shape[0], "seq_len": seq_len, "tokens": tokens, "nll_per_token": nll / tokens,
+            "perplexity": math.exp(nll / tokens)}
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Every number against its range, and the output path, before anything is read or loaded."""
     at_least = {"--max-docs": (args.max_docs, 1), "--limit": (args.limit, 1), "--seq-len": (args.seq_len, 1),
@@ -94,13 +162,15 @@ def split_names(value: str | None) -> list[str]:
     return [n.strip() for n in value.split(",") if n.strip()] if value else []
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=elo.DEFAULT_MODEL, help="HF model directory, hub id or the default model")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     p.add_argument("--ppl", action="append", default=[], metavar="LANG=PATH", help="JSONL with a 'text' field")
+    p.add_argument("--ppl-heldout", type=Path, metavar="RUN_DIR", help="perplexity per language on exactly the text "
+                   "a train.py / align.py run held out")
     p.add_argument("--max-docs", type=int, help="score only the first N documents of each --ppl file")
     p.add_argument("--seq-len", type=int, help="predicted tokens per rolling window (default: the model's context)")
     p.add_argument("--tasks", help=f"comma-separated, from: {', '.join(tasks.known_names())}")
@@ -116,7 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--compare", nargs="+", type=Path, metavar="RESULTS", help="print result files side by side")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.compare:
         print(compare_table(args.compare))
         return
@@ -141,8 +215,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--gen-batch must be >= 1, got {args.gen_batch}")
     if args.judge_url and not args.judge_model:
         raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
-    if not (ppl_files or members or benches):
-        raise ValueError("nothing to evaluate: give --ppl, --tasks or --generate (or --compare)")
+    heldout = heldout_plan(args.ppl_heldout) if args.ppl_heldout else None
+    if not (ppl_files or heldout or members or benches):
+        raise ValueError("nothing to evaluate: give --ppl, --ppl-heldout, --tasks or --generate (or --compare)")
     context = load_config(elo.resolve(args.model)).max_position_embeddings
     texts = {lang: load_texts(path, args.max_docs) for lang, path in ppl_files.items()}
     if args.seq_len is not None and args.seq_len > context:
@@ -172,11 +247,23 @@ def run(args: argparse.Namespace) -> None:
     }
     if ppl_files:
         results["perplexity"] = {
-            lang: scoring.perplexity(model, tokenizer, texts[lang], seq_len, args.batch_tokens) for lang in texts
+            lang: scoring.perplexity(model, tokenizer, texts[lang], seq_len, args.batch_tokens,
+                                     Progress(f"ppl {lang}")) for lang in texts
         }
+    if heldout:
+        windows = heldout_windows(heldout)
+        if max(int(w.max()) for w in windows.values()) >= model.config.vocab_size:
+            raise ValueError(f"--ppl-heldout {args.ppl_heldout}: its tokenizer ({heldout['tokenizer']}) has ids beyond "
+                             f"the model's vocabulary of {model.config.vocab_size}")
+        results["heldout_run"] = str(args.ppl_heldout.resolve())
+        results["data_files"] |= {f: sha256_file(f) for files in heldout["data"].values() for f in files}
+        results["heldout"] = {lang: heldout_perplexity(model, w, args.batch_tokens, f"held-out {lang}")
+                              for lang, w in windows.items()}
     if members:
-        results["tasks"] = scoring.evaluate_tasks(model, tokenizer, list(groups), args.data_dir, args.num_fewshot,
-                                                  args.limit, args.batch_tokens)
+        results["tasks"] = {}
+        for name in groups:  # one task (or group) at a time, so that progress is per task
+            results["tasks"] |= scoring.evaluate_tasks(model, tokenizer, [name], args.data_dir, args.num_fewshot,
+                                                       args.limit, args.batch_tokens, Progress(f"task {name}"))
     if benches:
         from elo.generate import QUESTION_FILES, generate_answers
         from elo.judge import judge_answers

@@ -1,7 +1,9 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="elo",
+    # "elo" on PyPI is an unrelated chess-rating package: a distinct distribution name keeps `pip install` from ever
+    # pulling it in; the import name stays `elo`
+    name="elo-llm",
     version="0.1.0",
     description="ELO: efficient layer-specific optimization for language adaptation of LLMs, in pure PyTorch",
     packages=find_packages(include=["elo", "elo.*"]),
@@ -13,9 +15,12 @@ setup(
         "tiktoken>=0.7",
         "numpy>=1.24",
         "huggingface_hub>=0.23",
+        "tomli>=1.1; python_version < '3.11'",  # pipeline recipes: tomllib is in the standard library from 3.11
     ],
     extras_require={
-        # reference implementations: used only by tests and benchmarks to prove parity and speed
-        "dev": ["pytest>=8", "transformers>=4.46", "tokenizers>=0.20", "gguf>=0.10", "protobuf", "peft", "lm_eval"],
+        "plot": ["matplotlib>=3.5"],  # the pipeline report's figures; without it the report has tables only
+        # reference implementations: used only by tests and benchmarks to prove parity and speed (+ the figures path)
+        "dev": ["pytest>=8", "transformers>=4.46", "tokenizers>=0.20", "gguf>=0.10", "protobuf", "peft", "lm_eval",
+                "matplotlib>=3.5"],
     },
 )

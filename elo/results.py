@@ -18,7 +18,7 @@ COLUMNS = (
     ("MT-Bench", "generation", "mt_bench", "overall"),
     ("MT-Bench ja", "generation", "mt_bench_ja", "overall"),
 )
-FORMATS = {"tasks": "{:.2%}", "generation": "{:.2f}", "perplexity": "{:.4f}"}
+FORMATS = {"tasks": "{:.2%}", "generation": "{:.2f}", "perplexity": "{:.4f}", "heldout": "{:.4f}"}
 
 
 def _check_results(run: object, path: Path) -> dict:
@@ -48,6 +48,10 @@ def results_table(results: dict) -> str:
     for lang, r in results.get("perplexity", {}).items():
         for metric in ("nll_per_token", "perplexity", "bits_per_byte"):
             rows.append(f"| ppl {lang} | {metric} | {r[metric]:.4f} | {r['docs']} docs, {r['tokens']} tokens |")
+    for lang, r in results.get("heldout", {}).items():
+        for metric in ("nll_per_token", "perplexity"):
+            rows.append(f"| held-out {lang} | {metric} | {r[metric]:.4f} | {r['windows']} windows, {r['tokens']} "
+                        f"tokens |")
     for name, r in results.get("tasks", {}).items():
         for metric, value in r.items():
             if metric != "n":
@@ -73,7 +77,9 @@ def compare_table(paths: list[Path]) -> str:
             raise ValueError(f"{path}: not a results JSON (not UTF-8 text)") from None
         runs.append(_check_results(run, path))
     langs = list(dict.fromkeys(lang for r in runs for lang in r.get("perplexity", {})))
-    columns = [*COLUMNS, *[(f"{lang} bits/byte", "perplexity", lang, "bits_per_byte") for lang in langs]]
+    heldout = list(dict.fromkeys(lang for r in runs for lang in r.get("heldout", {})))
+    columns = [*COLUMNS, *[(f"{lang} bits/byte", "perplexity", lang, "bits_per_byte") for lang in langs],
+               *[(f"{lang} held-out ppl", "heldout", lang, "perplexity") for lang in heldout]]
     for run in runs:  # the KoBEST average where all five tasks ran
         if all((run.get("tasks", {}).get(t) or {}).get("f1") is not None for t in KOBEST):
             run["tasks"]["kobest_avg"] = {"f1": sum(run["tasks"][t]["f1"] for t in KOBEST) / len(KOBEST)}

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from elo.model import Transformer
 from elo.tokenizer import Tokenizer
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+Progress = Callable[[int, int], None]  # called with (requests done, total) after each batch
 HEAD_ROWS = 512  # positions pushed through the output head at once: bounds the logits' memory
 # Sharing a prefix costs one extra forward call per group, which on a CPU costs about as much as ~50 tokens
 # (every call reads all the weights); share only when that saves more than twice as much.
@@ -95,13 +96,14 @@ def _headless(model: Transformer) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def loglikelihoods(model: Transformer, requests: Sequence[Request], batch_tokens: int = 8192,
-                   max_length: int | None = None) -> list[float]:
+                   max_length: int | None = None, progress: Progress | None = None) -> list[float]:
     """Sum of log p(continuation | context) for each (context tokens, continuation tokens) request.
 
     `max_length` (default: the model's max_position_embeddings) is the longest input; longer requests lose tokens
     on the left as in lm-eval. A batch holds as many sequences as fit in `batch_tokens` padded tokens (at least one).
     Requests that share everything up to their first scored position (the choices of one multiple-choice question)
-    run that prefix once when it saves at least SHARE_MIN_TOKENS tokens; the rest run whole.
+    run that prefix once when it saves at least SHARE_MIN_TOKENS tokens; the rest run whole. `progress(done, total)`
+    is called after each batch.
     """
     max_length = max_length or model.config.max_position_embeddings
     inputs = []
@@ -117,9 +119,17 @@ def loglikelihoods(model: Transformer, requests: Sequence[Request], batch_tokens
     shared = {p: ids for p, ids in by_prefix.items() if (len(ids) - 1) * len(p) >= SHARE_MIN_TOKENS}
     whole = [i for p, ids in by_prefix.items() if p not in shared for i in ids]
     out = [0.0] * len(requests)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, len(requests))
+
     with _headless(model) as head:
-        _score_whole(model, head, requests, inputs, whole, batch_tokens, out)
-        _score_shared(model, head, requests, shared, batch_tokens, out)
+        _score_whole(model, head, requests, inputs, whole, batch_tokens, out, advance)
+        _score_shared(model, head, requests, shared, batch_tokens, out, advance)
     return out
 
 
@@ -143,7 +153,7 @@ def _padded(seqs: Sequence[Sequence[int]], width: int, device: torch.device) -> 
 
 
 def _score_whole(model: Transformer, head: nn.Module, requests: Sequence[Request], inputs: list[list[int]],
-                 indices: list[int], batch_tokens: int, out: list[float]) -> None:
+                 indices: list[int], batch_tokens: int, out: list[float], advance: Callable[[int], None]) -> None:
     """One row per distinct input: MMLU's A/B/C/D continuations, one token each, share theirs."""
     by_input: dict[tuple[int, ...], list[int]] = {}
     for i in indices:
@@ -154,10 +164,12 @@ def _score_whole(model: Transformer, head: nn.Module, requests: Sequence[Request
         scored = [(i, hidden[row, len(inp) - len(requests[i][1]):len(inp)])
                   for row, inp in enumerate(batch) for i in by_input[inp]]
         _add_logprobs(head, requests, scored, out)
+        advance(len(scored))
 
 
 def _score_shared(model: Transformer, head: nn.Module, requests: Sequence[Request],
-                  shared: dict[tuple[int, ...], list[int]], batch_tokens: int, out: list[float]) -> None:
+                  shared: dict[tuple[int, ...], list[int]], batch_tokens: int, out: list[float],
+                  advance: Callable[[int], None]) -> None:
     """Each prefix runs once (batched, filling a KV cache); its last position scores every member's first
     continuation token; then the members' continuations run together, `batch_tokens` at a time, each chunk on its
     own copy of the prefix's keys and values."""
@@ -185,6 +197,7 @@ def _score_shared(model: Transformer, head: nn.Module, requests: Sequence[Reques
                 rest = model(_padded([tails[i] for i in chunk], width, device), cache=sub)
                 scored += [(i, torch.cat([last, rest[j, :len(tails[i])]])) for j, i in enumerate(chunk)]
         _add_logprobs(head, requests, scored, out)
+        advance(len(scored))
 
 
 def _add_logprobs(head: nn.Module, requests: Sequence[Request], scored: list[tuple[int, Tensor]],
@@ -204,7 +217,7 @@ def _add_logprobs(head: nn.Module, requests: Sequence[Request], scored: list[tup
 
 
 def perplexity(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], seq_len: int,
-               batch_tokens: int = 8192) -> dict[str, float]:
+               batch_tokens: int = 8192, progress: Progress | None = None) -> dict[str, float]:
     """Mean NLL per token, perplexity and bits per byte (total NLL in nats / ln 2 / UTF-8 bytes) over `texts`."""
     prefix = prefix_token(tokenizer)
     windows: list[Request] = []
@@ -212,7 +225,7 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], s
         windows += rolling_windows(encode(tokenizer, text), prefix, seq_len)
     if not windows:
         raise ValueError("no tokens to score: every document is empty")
-    nll = -sum(loglikelihoods(model, windows, batch_tokens, max_length=seq_len))
+    nll = -sum(loglikelihoods(model, windows, batch_tokens, max_length=seq_len, progress=progress))
     n_tokens = sum(len(cont) for _, cont in windows)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {
@@ -227,7 +240,7 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], s
 
 def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, names: list[str], data_dir: str | Path,
                    num_fewshot: int | None = None, limit: int | None = None,
-                   batch_tokens: int = 8192) -> dict[str, dict[str, float]]:
+                   batch_tokens: int = 8192, progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """Metrics of each named task or group (and of a group's member tasks); requests of all tasks are scored in one
     sorted, batched pass."""
     groups = task_defs.expand(names)
@@ -235,7 +248,7 @@ def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, names: list[str], d
     instances = {t: task_defs.build_instances(task_defs.TASKS[t], Path(data_dir), num_fewshot, limit) for t in members}
     requests = [encode_pair(tokenizer, inst.context, cont)
                 for t in members for inst in instances[t] for cont in inst.continuations]
-    lls = iter(loglikelihoods(model, requests, batch_tokens))
+    lls = iter(loglikelihoods(model, requests, batch_tokens, progress=progress))
     results = {}
     for t in members:
         per_doc = [[next(lls) for _ in inst.choices] for inst in instances[t]]

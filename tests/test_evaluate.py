@@ -188,3 +188,17 @@ def test_compare_rejects_a_json_that_is_not_results(content, message, tmp_path, 
         cli(["--compare", str(good), str(bad)])
     err = one_line_error(capsys, e)
     assert str(bad) in err and message in err
+
+
+def test_progress_prints_every_10_percent_and_5_seconds_and_at_the_end(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: now[0])
+    progress = evaluate.Progress("task x")
+    for done, t in ((5, 1.0), (20, 2.0), (30, 6.0), (31, 8.0), (32, 70.0), (100, 71.0)):
+        now[0] = t
+        progress(done, 100)
+    lines = capsys.readouterr().err.splitlines()
+    # 20% at 2 s: too soon; 30% at 6 s: printed; 31%: neither 10% more nor 60 s; 32% at 70 s: 60 s passed; the end
+    assert lines == ["task x: 30/100 requests (30%), elapsed 6s, eta 14s",
+                     "task x: 32/100 requests (32%), elapsed 70s, eta 149s",
+                     "task x: 100/100 requests (100%), elapsed 71s, eta 0s"]
