@@ -58,7 +58,7 @@ def option(help: str, **more: Any) -> dict:
     return {"help": help, **more}
 
 
-def _base_type(tp: Any) -> Any:
+def base_type(tp: Any) -> Any:
     """`int | None` -> int; `str` -> str."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -77,7 +77,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[
         if f.name in skip or not f.init:
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        kind = _base_type(hints[f.name])
+        kind = base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help")}
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

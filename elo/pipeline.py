@@ -40,7 +40,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setu
     import tomli as tomllib
 
 from elo.align import AlignConfig
-from elo.cli import _base_type, parse_config
+from elo.cli import base_type, parse_config
 from elo.default_model import DEFAULT_MODEL
 from elo.files import MARKER, atomic_write_text
 from elo.pretrain import TrainConfig
@@ -129,7 +129,7 @@ def _check_type(key: str, value, expected) -> None:
 
 def _fields(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
-    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+    return {f.name: base_type(hints[f.name]) for f in dataclasses.fields(cls) if f.init}
 
 
 PATH_KEYS = {"cache_dir"}  # stage options that are paths: relative to the recipe file like every other path
