@@ -51,7 +51,8 @@ def main() -> None:
     before = answers(elo.DEFAULT_MODEL, questions, a.max_new_tokens)
     after = answers(str(model_dir), questions, a.max_new_tokens)
     lines = ["# SFT on the default model: held-out loss and greedy answers before / after", "",
-             f"Command: `python studies/sft-smoke/run.py --steps {a.steps}` — `sft.py " + " ".join(argv) + "`", "",
+             f"Command: `python studies/sft-smoke/run.py --steps {a.steps}` — `sft.py "
+             + " ".join(argv).replace(str(DATA), "../shared/data") + "`", "",
              "Held-out assistant-token loss (64 held-out conversations per language, the loss on assistant tokens "
              "only):", "", "| language | before (step 0) | after (step %d) |" % last["step"], "|---|---|---|"]
     for lang in ("ko", "en"):
