@@ -87,3 +87,18 @@ def tiny_with_tokenizer(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tok_dir / name, directory / name)
     return directory
+
+
+def killer(stage: str) -> str:
+    """Python source that runs `elo.<stage>.main(sys.argv[1:])` and SIGKILLs itself right after the first
+    train-state checkpoint is complete (for `python -c SOURCE ARGS...`)."""
+    return f"""
+import os, signal, sys
+import elo.{stage}, elo.run_dir as r
+original = r.RunDir.save
+def save_then_die(*args, **kwargs):
+    path = original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+r.RunDir.save = save_then_die
+elo.{stage}.main(sys.argv[1:])
+"""

@@ -17,7 +17,7 @@ from elo.cli import parse_config
 from elo.checkpoint import CheckpointReader, load_config, memory_name
 from elo.data import build_dataset
 from elo.pretrain import config_from_args, train
-from tests.conftest import DATA, perturb_
+from tests.conftest import DATA, killer, perturb_
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, EVAL_BATCHES, VAL_TOKENS = 32, 2, 2, 193
@@ -189,16 +189,7 @@ def test_two_processes_match_one_and_sharded_loading_is_exact(env, elo_runs, tmp
     assert r.returncode == 0 and "exact 0" in r.stdout and "exact 1" in r.stdout, r.stderr[-3000:]
 
 
-KILLER = """
-import os, signal, sys
-import elo.align, elo.run_dir as r
-original = r.RunDir.save
-def save_then_die(*args, **kwargs):
-    path = original(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-r.RunDir.save = save_then_die
-elo.align.main(sys.argv[1:])
-"""
+KILLER = killer("align")
 
 
 def test_resume_after_sigkill_matches_uninterrupted(env, elo_runs, tmp_path):

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import elo
 from elo.checkpoint import CheckpointReader, load_config

@@ -13,7 +13,7 @@ import torch
 from elo.checkpoint import CheckpointReader
 from elo.cli import run_main
 from elo.sft import main
-from tests.conftest import DATA
+from tests.conftest import DATA, killer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,16 +64,7 @@ def test_two_processes_match_one_and_the_output_is_a_chat_model(chats, tmp_path)
     transformers.AutoModelForCausalLM.from_pretrained(one / "model")
 
 
-KILLER = """
-import os, signal, sys
-import elo.sft, elo.run_dir as r
-original = r.RunDir.save
-def save_then_die(*args, **kwargs):
-    path = original(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-r.RunDir.save = save_then_die
-elo.sft.main(sys.argv[1:])
-"""
+KILLER = killer("sft")
 
 
 def test_resume_after_sigkill_matches_uninterrupted(chats, tmp_path):

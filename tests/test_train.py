@@ -15,7 +15,7 @@ import elo
 from elo.checkpoint import CheckpointReader
 from elo.pretrain import TrainConfig, config_from_args, train
 from elo.trainer import lr_at
-from tests.conftest import DATA
+from tests.conftest import DATA, killer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,16 +78,7 @@ def test_two_processes_match_one_and_only_chosen_layers_change(run_env, tmp_path
     assert all(torch.allclose(a.get(n), b.get(n), atol=1e-5) for n in a.keys())
 
 
-KILLER = """
-import os, signal, sys
-import elo.pretrain, elo.run_dir as r
-original = r.RunDir.save
-def save_then_die(*args, **kwargs):
-    path = original(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-r.RunDir.save = save_then_die
-elo.pretrain.main(sys.argv[1:])
-"""
+KILLER = killer("pretrain")
 
 
 def test_resume_after_sigkill_matches_uninterrupted(run_env, tmp_path):
@@ -113,14 +104,14 @@ def test_crash_during_checkpoint_write_is_not_resumed(run_env, tmp_path):
     """A checkpoint being written lives in a hidden directory; --resume ignores it and starts from the last whole one."""
     _, _, env = run_env
     out = tmp_path / "crash"
-    killer = KILLER.replace("path = original(*args, **kwargs)",
+    script = KILLER.replace("path = original(*args, **kwargs)",
                             "import torch.distributed.checkpoint as dcp\n"
                             "    if args[1] == 4:\n"
                             "        dcp.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
                             "    path = original(*args, **kwargs)\n    if args[1] == 4: return path")
-    killer = killer.replace("    os.kill(os.getpid(), signal.SIGKILL)\nr.RunDir.save", "    return path\nr.RunDir.save")
+    script = script.replace("    os.kill(os.getpid(), signal.SIGKILL)\nr.RunDir.save", "    return path\nr.RunDir.save")
     cmd = args(run_env, out, "--batch-size", "2", "--save-every", "2")
-    died = subprocess.run([sys.executable, "-c", killer, *cmd], env=env, cwd=REPO, capture_output=True, timeout=600)
+    died = subprocess.run([sys.executable, "-c", script, *cmd], env=env, cwd=REPO, capture_output=True, timeout=600)
     assert died.returncode == -9
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".tmp-step_00000004", "step_00000002"]
     resumed = run([sys.executable, "train.py", *cmd, "--resume"], env)
