@@ -33,7 +33,7 @@ def machine() -> dict:
 def stage_summary(p, name: str, timings: dict) -> dict:
     """One stage's numbers from its run directory."""
     stage = p.stages[name]
-    summary: dict = {"wall_s": round(sum(timings.get(name, [])), 1), "output": str(stage.model),
+    summary: dict = {"wall_s": round(sum(timings.get(name, [])), 3), "output": str(stage.model),
                      "command": shlex.join(p.commands(stage)[name])}
     if name == "chat_vector":
         return summary
@@ -43,7 +43,7 @@ def stage_summary(p, name: str, timings: dict) -> dict:
     train_s = sum(r["step_time_s"] for r in steps)
     read = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)  # tokens the model read (the loop's throughput)
     final = {k: v for r in records for k, v in r.items() if k.startswith(("val_loss/", "base_val_loss/"))}
-    summary |= {"steps": provenance["steps"], "tokens": provenance["tokens"], "train_s": round(train_s, 1),
+    summary |= {"steps": provenance["steps"], "tokens": provenance["tokens"], "train_s": round(train_s, 3),
                 "tokens_per_s": round(read / train_s, 1) if train_s else None,
                 "final_loss": steps[-1]["loss"] if steps else None, "val_loss": final}
     return summary
@@ -138,7 +138,7 @@ def markdown(report: dict) -> str:
     for name, s in report["stages"].items():
         val = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in s.get("val_loss", {}).items()
                         if k.startswith("val_loss/"))
-        lines.append(f"| {name} | {s['wall_s']} | {s.get('train_s', '-')} | {s.get('steps', '-')} | "
+        lines.append(f"| {name} | {s['wall_s']:.1f} | {_fmt(s.get('train_s'), '.1f')} | {s.get('steps', '-')} | "
                      f"{s.get('tokens', '-')} | {_fmt(s.get('tokens_per_s'), ',.0f')} | "
                      f"{_fmt(s.get('final_loss'))} | {val or '-'} |")
     lines += ["", "wall s: the pipeline's clock for the stage (loading, training, validation, export; every attempt that "
