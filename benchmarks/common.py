@@ -78,3 +78,15 @@ def synthetic_llama(directory, layers: int, hidden: int = 2048, inter: int = 563
                  directory, max_shard_bytes)
     write_config(config, torch.float32, directory)
     return sum(4 * math.prod(s) for s in shapes.values())
+
+
+def load_pair(model: str, dtype: torch.dtype, device: str):
+    """elo's model and transformers' (SDPA attention) of the same checkpoint, for side-by-side runs."""
+    import transformers
+
+    import elo
+
+    ours = elo.load_model(model, dtype=dtype, device=device)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(elo.resolve(model), dtype=dtype,
+                                                               attn_implementation="sdpa").to(device)
+    return ours, theirs

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import load_pair, machine  # noqa: E402
 from elo.chat import render_chat  # noqa: E402
 from elo.generate import generate_batch, load_questions  # noqa: E402
 
@@ -48,13 +48,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    import transformers
-
-    dtype = getattr(torch, a.dtype)
-    directory = elo.resolve(a.model)
-    ours = elo.load_model(a.model, dtype=dtype, device=a.device)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
-    theirs = theirs.to(a.device).eval()
+    ours, theirs = load_pair(a.model, getattr(torch, a.dtype), a.device)
+    theirs.eval()
     theirs.generation_config.eos_token_id = None  # decode the full length, as elo with no stop ids does
     tokenizer = elo.load_tokenizer(a.model)
     sizes = [int(b) for b in a.batch_sizes.split(",")]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
-from benchmarks.common import machine, median, timed  # noqa: E402
+from benchmarks.common import load_pair, machine, median, timed  # noqa: E402
 
 
 def main() -> None:
@@ -29,12 +29,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    import transformers
-
-    dtype = getattr(torch, a.dtype)
-    directory = elo.resolve(a.model)
-    ours = elo.load_model(a.model, dtype=dtype, device=a.device)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(a.device)
+    ours, theirs = load_pair(a.model, getattr(torch, a.dtype), a.device)
     ids = torch.randint(0, ours.config.vocab_size, (a.batch_size, a.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(a.device)
     x, y = ids[:, :-1], ids[:, 1:]
     print(f"machine: {machine()}")
