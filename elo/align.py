@@ -40,6 +40,9 @@ class AlignConfig(LoopConfig, TextDataConfig, LoRAOptions):
     cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
     save_spliced: bool = field(default=False, metadata=option("also write the spliced model, before alignment, to "
                                                              "--out/spliced (streamed)"))
+    control: bool = field(default=False, metadata=option(
+        "the alignment-only control: train the base itself, without the ELO layers, on exactly the tokens alignment "
+        "would see (so a gain after alignment can be credited to ELO or not)"))
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,9 @@ def align(cfg: AlignConfig) -> Path:
     if run is None:
         return Path(cfg.out) / "model"
     check_context(cfg.seq_len, cfg.base)
-    spec = spliced_spec(cfg.base, elo.submodel)
+    if cfg.control and cfg.save_spliced:
+        raise ValueError("--control trains the base without the ELO layers: there is no spliced model to save")
+    spec = full_spec(cfg.base) if cfg.control else spliced_spec(cfg.base, elo.submodel)
     if cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)
     cfg.validate_lora()
@@ -144,7 +149,8 @@ def align(cfg: AlignConfig) -> Path:
             how = (f"continuing the ELO run's data stream at sequence {elo.run['data_state']['position']:,} "
                    f"(no ELO sequence is seen again)" if continuing else
                    f"drawing its own stream with seed {cfg.seed} (the data, seed or split differ from the ELO run)")
-            print(f"align: {steps} steps" + (f" for a budget of {budget:,} tokens" if budget else "")
+            what = "the base alone (control, no ELO layers)" if cfg.control else "the spliced model"
+            print(f"align: {steps} steps of {what}" + (f" for a budget of {budget:,} tokens" if budget else "")
                   + f"; {how}", flush=True)
         if continuing:
             source.load_state_dict(elo.run["data_state"])
@@ -162,7 +168,8 @@ def align(cfg: AlignConfig) -> Path:
     provenance = {"stage": "align", "base": cfg.base, "elo_submodel": str(elo.submodel.resolve()),
                   "elo_layers": load_config(elo.submodel).elo["layers"], "data": cfg.data, "seed": cfg.seed,
                   "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens,
-                  "continued_elo_stream": continuing, "train_layers": cfg.train_layers, "lora_rank": cfg.lora_rank,
+                  "continued_elo_stream": continuing, "control": cfg.control, "train_layers": cfg.train_layers,
+                  "lora_rank": cfg.lora_rank,
                   "data_digests": _digests(cfg.data)}
     return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], "align",
                      provenance, before_training)

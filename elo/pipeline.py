@@ -1,5 +1,6 @@
 """The whole method as one command (`pipeline.py RECIPE.toml`): ELO pretraining -> alignment -> chat vector -> SFT
--> evaluation, plus the full fine-tuning and LoRA baselines on the same data and budget, then a report.
+-> evaluation, plus the full fine-tuning and LoRA baselines on the same data and the same total budget (ELO's
+tokens plus alignment's), then a report.
 
 A recipe (TOML) names the model, the data per language, the number of processes and one table per stage whose keys
 are that stage's config fields (TrainConfig, AlignConfig, SFTConfig; see `python train.py --help` etc., with
@@ -60,7 +61,8 @@ SET_BY_PIPELINE = {"model", "data", "out", "resume", "elo", "chat_vector_base", 
                    "chat_vector_ratio"}
 # align inherits these from [train] (so it continues ELO's data stream and holds out the same text)
 TEXT_KEYS = ("seq_len", "val_tokens", "mix", "text_field", "seed", "cache_dir")
-# the baselines run on ELO's data and budget: they inherit [train] but its ELO-only options, and may not change these
+# the baselines run on ELO's data and on ELO's plus alignment's tokens: they inherit [train] but its ELO-only
+# options, and may not change these
 ELO_ONLY = ("layers", "train_embeddings", "middle", "middle_tokens")
 BUDGET_KEYS = ("seq_len", "max_steps", "val_tokens", "mix", "text_field", "seed", *ELO_ONLY)
 CHAT_VECTOR_KEYS = {"base": str, "instruct": str, "ratio": float, "embeddings": str}
@@ -217,14 +219,37 @@ def _data_for(data: dict, kind: str, stage: str) -> dict[str, list[str]]:
     return chosen
 
 
-def _baseline_table(name: str, table: dict, train_table: dict, base: Path) -> dict:
-    """fft / lora: [train]'s options (the same data and budget), the whole model, their own overrides."""
+def _method_steps(train_table: dict, align_table: dict | None, nproc: int) -> int:
+    """The method's whole budget in [train]'s steps: ELO's steps plus alignment's tokens (rounded up to whole
+    steps), so a baseline reads as many tokens as ELO and alignment together."""
+    from elo.align import parse_tokens
+
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    t = default | train_table
+    per_step = t["batch_size"] * t["grad_accum"] * t["seq_len"] * nproc
+    if align_table is None:
+        return t["max_steps"]
+    a = {f.name: f.default for f in dataclasses.fields(AlignConfig) if f.init and f.default is not
+         dataclasses.MISSING} | {k: t[k] for k in TEXT_KEYS if k in t} | align_table
+    if a.get("max_steps"):
+        tokens = a["max_steps"] * a["batch_size"] * a["grad_accum"] * a["seq_len"] * nproc
+    else:
+        elo_tokens = t["max_steps"] * per_step
+        tokens = parse_tokens(a["tokens"], elo_tokens) if a.get("tokens") else max(1, elo_tokens // 9)
+    return t["max_steps"] + math.ceil(tokens / per_step)
+
+
+def _baseline_table(name: str, table: dict, train_table: dict, base: Path, steps: int) -> dict:
+    """fft / lora: [train]'s options (the same data), the whole model, the method's whole budget (`steps`), their
+    own overrides."""
     for key in BUDGET_KEYS:
         if key in table:
-            raise _key_error(f"{name}.{key}", "the baselines run on the data and budget of [train]; set it there")
+            raise _key_error(f"{name}.{key}", "the baselines run on the data and budget of [train] and [align]; "
+                                              "set it there")
     _check_table(name, table, TrainConfig, base)
     table = {k: v for k, v in train_table.items() if k not in ELO_ONLY} | table
     table["layers"] = "all"
+    table["max_steps"] = steps
     if name == "lora" and not table.get("lora_rank"):
         raise _key_error("lora.lora_rank", "missing; the LoRA baseline needs a rank, e.g. 16")
     if name == "fft" and table.get("lora_rank"):
@@ -296,7 +321,7 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None) -
         if name == "evaluate":  # planned below, once every stage is known
             continue
         if name in ("fft", "lora"):
-            table = _baseline_table(name, table, train_table, base)
+            table = _baseline_table(name, table, train_table, base, _method_steps(train_table, r.get("align"), nproc))
         _check_table(name, table, CONFIGS[name], base)
         if name in ("train", "fft", "lora"):
             values = {"model": model, "data": _data_for(data, "pretrain", name)}
@@ -422,7 +447,8 @@ def stage_config(p: Plan, stage: Stage):
         model = cfg.model
         if stage.name != "sft" and not _is_hub_id(model):
             check_context(cfg.seq_len, model)
-            cfg.model_spec()
+            if not (stage.name == "train" and cfg.auto_layers()):  # auto layers are chosen when the stage runs
+                cfg.model_spec()
     return cfg
 
 

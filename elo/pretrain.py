@@ -82,6 +82,7 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         self.validate_data(self.seq_len)
         self.model = normalize_model(self.model)
         self.validate_lora()
+        self.auto_layers()
         if self.middle is not None:
             from elo.middle import KINDS
 
@@ -91,6 +92,15 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
                 raise ValueError("--middle stands in for the layers ELO skips; it needs ELO mode (--layers 1,32)")
         if self.mode == "lora" and self.layers not in ("all", "1,-1"):
             raise ValueError(f"--lora-rank trains adapters on every layer; drop --layers {self.layers} or use 'all'")
+
+    def auto_layers(self) -> int | None:
+        """K of `--layers auto:K` (None for explicit layers)."""
+        if not self.layers.startswith("auto:"):
+            return None
+        k = self.layers.removeprefix("auto:")
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"--layers {self.layers!r}: expected auto:K with K a positive integer")
+        return int(k)
 
     def model_spec(self) -> ModelSpec:
         """The model part: cheap to build (reads the config and two small tensors), so errors come early."""
@@ -139,12 +149,7 @@ def suggest_layers(cfg: TrainConfig, tokenizer) -> tuple[str, dict]:
     from elo.checkpoint import load_model
     from elo.layer_scores import layer_scores
 
-    try:
-        k = int(cfg.layers.removeprefix("auto:"))
-    except ValueError:
-        raise ValueError(f"--layers {cfg.layers!r}: expected auto:K with K a positive integer") from None
-    if k < 1:
-        raise ValueError(f"--layers {cfg.layers!r}: expected auto:K with K a positive integer")
+    k = cfg.auto_layers()
     source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))
     batches = {lang: list(itertools.islice(source.val_batches(lang, cfg.batch_size), cfg.eval_batches))
                for lang in source.langs}

@@ -137,6 +137,24 @@ def test_train_layers_trains_exactly_those(env, elo_runs, tmp_path):
     assert changed == {n for n in base.keys() if n.startswith(("model.layers.1.", "model.layers.2."))}
 
 
+def test_control_trains_the_base_on_the_same_tokens(env, elo_runs, tmp_path):
+    """--control: the base itself (step-0 loss = the base's), the same batches as alignment (same step-1 data
+    position), and no ELO tensor in the output's starting point."""
+    spliced, control = tmp_path / "spliced", tmp_path / "control"
+    for out, extra in ((spliced, []), (control, ["--control"])):
+        align(parse_config(AlignConfig, common(env, out, "--elo", str(elo_runs["llama"]), "--max-steps", "2",
+                                               *extra), ""))
+    step0 = records(control)[0]
+    for lang in ("ko", "en"):
+        assert step0[f"val_loss/{lang}"] == step0[f"base_val_loss/{lang}"]
+        assert records(spliced)[0][f"val_loss/{lang}"] != step0[f"val_loss/{lang}"]
+    a, b = (json.loads((out / "model" / "elo_run.json").read_text()) for out in (spliced, control))
+    assert a["data_state"] == b["data_state"] and b["control"] and not a["control"]
+    with pytest.raises(ValueError, match="no spliced model"):
+        align(parse_config(AlignConfig, common(env, tmp_path / "bad", "--elo", str(elo_runs["llama"]),
+                                               "--max-steps", "2", "--control", "--save-spliced"), ""))
+
+
 def test_alignment_never_sees_an_elo_sequence_again(env, elo_runs, tmp_path):
     """The ELO run's data stream continues: the windows align draws are disjoint from those ELO drew."""
     root, data, models = env

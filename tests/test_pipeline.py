@@ -119,6 +119,8 @@ def test_end_to_end_report_equals_evaluate_rerun(finished, tmp_path):
         s = report["stages"][name]
         assert s["tokens"] > 0 and s["tokens_per_s"] > 0 and s["wall_s"] >= s["train_s"] > 0
     assert report["stages"]["train"]["tokens"] == 6 * 2 * SEQ
+    # the baselines read ELO's tokens plus alignment's (1/9 of 384 = 42, one more step of 2 x 32)
+    assert report["stages"]["fft"]["steps"] == report["stages"]["lora"]["steps"] == 6 + 1
     # every reported evaluation number is what its recorded command gives when run again
     for name, e in report["evaluation"].items():
         argv = shlex.split(e["command"])[2:]
@@ -244,11 +246,14 @@ def test_dry_run_on_every_recipe(tmp_path, monkeypatch, capsys):
     recipes = sorted((REPO / "recipes").glob("*.toml"))
     assert {r.name for r in recipes} >= {"quickstart.toml", "llama3.1-8b-ko.toml", "mistral-7b-v0.3-ko.toml",
                                          "qwen2-7b-ko.toml", "llama3.1-8b-ja.toml"}
-    for r in recipes:
-        pipeline.main([str(r), "--dry-run", "--out", str(tmp_path / r.stem)])
+    study = sorted((REPO / "studies").glob("*/recipes/*.toml"))
+    assert len(study) >= 10
+    for r in recipes + study:
+        out = tmp_path / r.parent.parent.name / r.stem
+        pipeline.main([str(r), "--dry-run", "--out", str(out)])
         printed = capsys.readouterr().out
-        assert "dry run: every stage checked" in printed and "train.py" in printed and "evaluate.py" in printed
-        assert not (tmp_path / r.stem).exists()  # a dry run writes nothing
+        assert "dry run: every stage checked" in printed and ".py" in printed, r
+        assert not out.exists()  # a dry run writes nothing
 
 
 BAD = [
