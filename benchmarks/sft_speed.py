@@ -1,5 +1,6 @@
-"""SFT training speed, real tokens only: elo (length-grouped batches from elo.chat_data, fused head + loss) vs a
-plain transformers loop that pads each batch of the same conversations, in stream order, to its longest one.
+"""SFT training speed, real tokens only: elo (each micro-batch packed into one row, every conversation computed alone,
+fused head + loss) vs a plain transformers loop that pads each batch of the same conversations, in stream order, to
+its longest one.
 
 Both sides train on the same conversations (the first steps x batch of elo's 1:1 Korean / English chat stream) with
 AdamW, batch by batch; tokens/s counts the conversations' own tokens, never padding.
@@ -19,13 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from elo.chat_data import build_chat_source, collate  # noqa: E402
+from elo.chat_data import build_chat_source, pack  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft"
 
 
 def conversations(a) -> tuple[list, list, int]:
-    """The timed steps' conversations as elo batches (length-grouped, as elo.chat_data draws them) and as
+    """The timed steps' conversations as elo batches (packed, as elo.chat_data draws them) and as
     (ids, trained) rows in stream order; plus their real token count (what a model reads, padding excluded)."""
     tok = elo.load_tokenizer(a.model)
     files = {"ko": [DATA / "ko_chatbot_data.jsonl"], "en": [DATA / "en_self_instruct_seed_tasks.jsonl",
@@ -35,7 +36,7 @@ def conversations(a) -> tuple[list, list, int]:
     for _ in range(a.steps + 1):
         drawn = [source._draw() for _ in range(a.batch_size)]  # one step's conversations, as next_batch draws them
         step = [source.train[lang][i] for lang, i in drawn]
-        batches.append(collate(step, [lang for lang, _ in drawn], source.pad_id))
+        batches.append(pack(step, [lang for lang, _ in drawn]))
         rows.append(step)
     real = sum(len(ids) - 1 for step in rows[1:] for ids, _ in step)
     return batches, [r for step in rows for r in step], real
@@ -65,7 +66,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def ours(b):
-        total, _ = model(b.inputs, targets=b.targets)
+        total, _ = model(b.inputs, targets=b.targets, documents=b.documents)
         (total / (b.targets >= 0).sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,7 +108,7 @@ def main() -> None:
     pad_hf = sum(ids.numel() for ids, _, _ in plain[1:]) / sum(int(m.sum()) for _, _, m in plain[1:]) - 1
     print(f"\nSmolLM2-135M-Instruct fp32, {a.steps} timed steps of {a.batch_size} conversations, seq_len {a.seq_len}, "
           f"ko:en 1:1\n\n| loop | s | real tokens/s | padding overhead |\n|---|---|---|---|")
-    print(f"| elo (length groups, fused loss) | {elo_s:.1f} | {real / elo_s:,.0f} | {pad_elo:.0%} |")
+    print(f"| elo (packed, per-conversation attention, fused loss) | {elo_s:.1f} | {real / elo_s:,.0f} | {pad_elo:.0%} |")
     print(f"| transformers, padded to longest | {hf_s:.1f} | {real / hf_s:,.0f} | {pad_hf:.0%} |")
     print(f"\nelo / transformers real tokens/s: {hf_s / elo_s:.2f}x")
 

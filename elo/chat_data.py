@@ -159,18 +159,15 @@ def tokenize_language(tokenizer: Any, chats: list[tuple[str, list[Message]]],
 
 # ---- batches ----
 
-def collate(examples: list[tuple[np.ndarray, np.ndarray]], langs: list[str], pad_id: int) -> Batch:
-    """One conversation per row, right-padded to the longest: inputs ids[:-1]; targets ids[1:] where trained, else -1
-    (and -1 on padding)."""
-    width = max(len(ids) for ids, _ in examples) - 1
-    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(examples), width), -1, dtype=torch.long)
-    for row, (ids, trained) in enumerate(examples):
-        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        n = len(ids) - 1
-        inputs[row, :n] = ids[:-1]
-        targets[row, :n] = torch.where(torch.from_numpy(np.asarray(trained[1:], dtype=bool)), ids[1:], -1)
-    return Batch(inputs, targets, langs, real_tokens=sum(len(ids) - 1 for ids, _ in examples))
+def pack(examples: list[tuple[np.ndarray, np.ndarray]], langs: list[str]) -> Batch:
+    """Conversations one after another in a single row, without padding: of each, inputs ids[:-1] and targets ids[1:]
+    where trained, else -1. `documents` holds their lengths, so the model computes each as if alone (its own
+    positions, attention within itself): the same losses as one padded row per conversation."""
+    inputs = np.concatenate([np.asarray(ids[:-1], dtype=np.int64) for ids, _ in examples])
+    targets = np.concatenate([np.where(np.asarray(trained[1:], dtype=bool), ids[1:], -1).astype(np.int64)
+                              for ids, trained in examples])
+    return Batch(torch.from_numpy(inputs)[None], torch.from_numpy(targets)[None], langs,
+                 documents=[len(ids) - 1 for ids, _ in examples])
 
 
 class ChatSource(LanguageMix):
@@ -179,7 +176,8 @@ class ChatSource(LanguageMix):
     Language schedule: elo.data's earliest-deadline rule over conversations, so after every prefix of n
     conversations each language has within one conversation of n * share. Within a language: epoch e visits every
     training conversation once, in a permutation seeded by (seed, lang, e), taken in groups of LENGTH_GROUP that are
-    each sorted by length, so that consecutive draws (and hence the rows of a micro-batch) have similar lengths.
+    each sorted by length, so that consecutive draws have similar lengths (micro-batches are packed, so this no
+    longer saves padding; it keeps the packed rows of one step alike in size).
     Ranks: one micro-batch of B per rank consumes the next B * w conversations of the stream; they are sorted by
     length and rank r takes every w-th from position r, so w ranks at B see together exactly what a single process
     sees at B * w, with balanced lengths.
@@ -188,9 +186,9 @@ class ChatSource(LanguageMix):
     _size_key = "train_conversations"
 
     def __init__(self, train: dict[str, ChatSet], val: dict[str, ChatSet], mix: dict[str, float], seed: int,
-                 pad_id: int, rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1):
         super().__init__(train, mix, seed, rank, world_size)
-        self.train, self.val, self.pad_id = train, val, pad_id
+        self.train, self.val = train, val
         self._groups: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # lang -> ((epoch, group start), order)
 
     def _sizes(self) -> dict[str, int]:
@@ -204,7 +202,7 @@ class ChatSource(LanguageMix):
         lengths = [len(self.train[l][i][0]) for l, i in drawn]
         by_length = sorted(range(len(drawn)), key=lambda j: (-lengths[j], j))
         mine = [drawn[j] for j in by_length[self.rank::self.world_size]]
-        return collate([self.train[l][i] for l, i in mine], [l for l, _ in mine], self.pad_id)
+        return pack([self.train[l][i] for l, i in mine], [l for l, _ in mine])
 
     def val_batches(self, lang: str, batch_size: int) -> Iterator[Batch]:
         """All held-out conversations of `lang` in a fixed order (the same on every rank); the last batch may be
@@ -214,7 +212,7 @@ class ChatSource(LanguageMix):
         conversations = self.val[lang]
         for s in range(0, len(conversations), batch_size):
             idx = range(s, min(s + batch_size, len(conversations)))
-            yield collate([conversations[i] for i in idx], [lang] * len(idx), self.pad_id)
+            yield pack([conversations[i] for i in idx], [lang] * len(idx))
 
     def _draw(self) -> tuple[str, int]:
         lang, epoch, i = self._next()
@@ -278,5 +276,4 @@ def build_chat_source(paths_by_lang: dict[str, list[str | os.PathLike]], tokeniz
                   f"to {seq_len + 1} tokens, {i.skipped:,} skipped (first answer too long), {i.unaligned:,} "
                   f"skipped (no exact mask); {i.train:,} train / {i.val:,} val; {i.tokens:,} tokens, "
                   f"{i.trained_tokens:,} trained; {i.seconds:.1f}s", flush=True)
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    return ChatSource(train, val, mix, seed, pad_id, rank, world_size), info
+    return ChatSource(train, val, mix, seed, rank, world_size), info

@@ -51,13 +51,22 @@ class TextTokenizer(Protocol):
 class Batch:
     inputs: torch.Tensor  # LongTensor [B, T]
     targets: torch.Tensor  # LongTensor [B, T]: the next token where trained, -1 where not (padding, prompts)
-    langs: list[str]  # language of each row
+    langs: list[str]  # language of each row, or of each packed document
     real_tokens: int | None = None  # input tokens that are not padding (None: all of them)
+    documents: list[int] | None = None  # packed: one row holding documents of these lengths, each computed alone
 
     @property
     def num_tokens(self) -> int:
         """Tokens the model reads, padding excluded: what throughput and MFU count."""
         return self.inputs.numel() if self.real_tokens is None else self.real_tokens
+
+    def loss_by_language(self, per_token: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(language, summed loss, trained tokens) of each row, or of each packed document."""
+        trained = self.targets >= 0
+        if self.documents is None:
+            return zip(self.langs, per_token.sum(1), trained.sum(1))
+        return zip(self.langs, [p.sum() for p in per_token[0].split(self.documents)],
+                   [t.sum() for t in trained[0].split(self.documents)])
 
 
 @dataclass(frozen=True)

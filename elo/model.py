@@ -141,8 +141,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.o_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None | list[Tensor | None],
+                cache: KVCache | None = None, layer: int = 0, documents: list[int] | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -150,11 +150,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # causal without a materialised mask when queries and keys start together (training, prefill): flash-eligible
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if documents is None:
+            y = self.attend(q, k, v, mask)
+        else:  # packed: each document attends within itself only (mask: one per document)
+            y = torch.cat([self.attend(*qkv, m) for *qkv, m in
+                           zip(q.split(documents, 2), k.split(documents, 2), v.split(documents, 2), mask)], dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        # causal without a materialised mask when queries and keys start together (training, prefill): flash-eligible
+        is_causal = mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class MLP(nn.Module):
@@ -177,9 +184,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None | list[Tensor | None],
+                cache: KVCache | None = None, layer: int = 0, documents: list[int] | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,23 +228,32 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
-                last_logits: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                last_logits: int | None = None, documents: list[int] | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those each row holds;
         with `last_logits`, for the last that many positions only (0 when a prompt is only prefilled into the cache).
         With `targets` (batch, seq; < 0 ignored): (summed cross-entropy, per-token losses) instead, through the fused
-        head + loss of elo.loss, which never holds the whole logits tensor."""
+        head + loss of elo.loss, which never holds the whole logits tensor.
+        With `documents` (lengths summing to seq, one row, no cache): the row packs those documents one after the
+        other; each is computed as if alone (its own positions from 0, attention within itself), with no padding."""
         T = input_ids.shape[1]
-        starts = cache.lengths if cache is not None else [0]
-        if cache is not None and max(starts) + T > cache.max_seq_len:
-            raise ValueError(f"KV cache holds {cache.max_seq_len} positions; {max(starts)} used + {T} new do not fit")
+        windows = {self.config.window(i) for i in range(len(self.model.layers))}
         x = self.model.embed_tokens(input_ids)
-        masks = {w: attention_mask(starts, T, w, x.device) for w in {self.config.window(i) for i in range(len(self.model.layers))}}
-        positions = cache.advance(T) if cache is not None else torch.arange(T, device=x.device)[None]
+        if documents is not None:
+            if cache is not None or input_ids.shape[0] != 1 or sum(documents) != T:
+                raise ValueError(f"documents {documents} must cover one row of {T} tokens exactly, without a cache")
+            masks = {w: [attention_mask([0], n, w, x.device) for n in documents] for w in windows}
+            positions = torch.cat([torch.arange(n, device=x.device) for n in documents])[None]
+        else:
+            starts = cache.lengths if cache is not None else [0]
+            if cache is not None and max(starts) + T > cache.max_seq_len:
+                raise ValueError(f"KV cache holds {cache.max_seq_len} positions; {max(starts)} used + {T} new do not fit")
+            masks = {w: attention_mask(starts, T, w, x.device) for w in windows}
+            positions = cache.advance(T) if cache is not None else torch.arange(T, device=x.device)[None]
         cos, sin = self.rope(positions, x.dtype)
         for i, (key, layer) in enumerate(self.model.layers.items()):
             if self.middle is not None and key in self.middle:
                 x = self.middle[key](x)
-            x = layer(x, cos, sin, masks[self.config.window(i)], cache, i)
+            x = layer(x, cos, sin, masks[self.config.window(i)], cache, i, documents)
         x = self.model.norm(x)
         if targets is not None:
             return head_cross_entropy(x, self.lm_head.weight, targets)

@@ -130,7 +130,7 @@ def validation_loss(model: nn.Module, source: BatchSource, batch_size: int, max_
         for i, batch in enumerate(source.val_batches(lang, batch_size)):
             if i == max_batches:
                 break
-            total += model(batch.inputs.to(device), targets=batch.targets.to(device))[0].item()
+            total += model(batch.inputs.to(device), targets=batch.targets.to(device), documents=batch.documents)[0].item()
             count += (batch.targets >= 0).sum().item()
         if count == 0:
             raise ValueError(f"no held-out tokens for language {lang!r}; hold some out (e.g. --val-tokens)")
@@ -219,10 +219,11 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
                 if d.sharded:
                     model.set_requires_gradient_sync(i == len(batches) - 1)
                 with autocast:
-                    loss, per_token = model(batch.inputs.to(d.device), targets=batch.targets.to(d.device))
+                    loss, per_token = model(batch.inputs.to(d.device), targets=batch.targets.to(d.device),
+                                            documents=batch.documents)
                 (loss * scale).backward()
-                for lang, seq_loss, n in zip(batch.langs, per_token.sum(1).detach().cpu(), (batch.targets >= 0).sum(1)):
-                    lang_loss[lang] += torch.stack([seq_loss, n.float()])
+                for lang, loss_sum, n in batch.loss_by_language(per_token.detach().cpu()):
+                    lang_loss[lang] += torch.stack([loss_sum, n.float()])
             # max_norm inf: measure without clipping (--grad-clip 0, as in HF)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf)
             if hasattr(grad_norm, "full_tensor"):

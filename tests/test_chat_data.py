@@ -10,7 +10,7 @@ import torch
 
 import elo
 from elo.chat import tokenize_chats
-from elo.chat_data import ChatSet, ChatSource, LENGTH_GROUP, build_chat_source, collate, read_chats
+from elo.chat_data import ChatSet, ChatSource, LENGTH_GROUP, build_chat_source, pack, read_chats
 from elo.tokenizer import load_tokenizer
 
 
@@ -133,13 +133,15 @@ def test_loss_equals_transformers_with_ignored_labels(chat_model):
 
     directory, model = chat_model
     tokenizer = load_tokenizer(directory)
-    batch = collate(examples(tokenizer, CONVERSATIONS), ["en"] * 4, pad_id=tokenizer.eos_id)
+    batch = pack(examples(tokenizer, CONVERSATIONS), ["en"] * 4)
+    assert batch.inputs.shape[0] == 1 and len(batch.documents) == 4  # one row, no padding
     with torch.no_grad():
-        total, _ = model(batch.inputs, targets=batch.targets)
+        total, _ = model(batch.inputs, targets=batch.targets, documents=batch.documents)
     ours = total.item() / (batch.targets >= 0).sum().item()
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
-    # the reference sees whole conversations, labels -100 where not trained; transformers shifts them itself
+    # the reference sees whole conversations, one padded row each, labels -100 where not trained; transformers
+    # shifts them itself
     convs = examples(tokenizer, CONVERSATIONS)
     lengths = [len(ids) for ids, _ in convs]
     assert len(set(lengths)) == 4  # every row but the longest is padded
@@ -161,21 +163,27 @@ def test_loss_equals_transformers_with_ignored_labels(chat_model):
     assert abs(shifted - reference) > 1e-2
 
 
-def test_changing_one_conversation_changes_no_other_row(chat_model):
+def test_packed_logits_equal_each_conversation_alone(chat_model):
+    """Packing is exact: each conversation's logits in the packed row equal its logits computed alone (<= 1e-5),
+    and changing one conversation changes no other's."""
     directory, model = chat_model
     tokenizer = load_tokenizer(directory)
-    changed = CONVERSATIONS[:2] + [[("u", "Something else entirely, and longer than before: tell me a story."),
-                                    ("a", "Once upon a time there was a very long answer that widened the batch. " * 4)]]
-    a = collate(examples(tokenizer, CONVERSATIONS[:3]), ["en"] * 3, tokenizer.eos_id)
-    b = collate(examples(tokenizer, changed), ["en"] * 3, tokenizer.eos_id)
-    assert b.inputs.shape[1] > a.inputs.shape[1]  # even the padded width changed
+    convs = examples(tokenizer, CONVERSATIONS)
     with torch.no_grad():
-        la, lb = model(a.inputs), model(b.inputs)
+        packed = pack(convs, ["en"] * 4)
+        logits = model(packed.inputs, documents=packed.documents)[0].split(packed.documents)
+        for (ids, _), got in zip(convs, logits):
+            alone = model(torch.from_numpy(ids[:-1]).long()[None])[0]
+            assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-5, rtol=0)
+        changed = CONVERSATIONS[:2] + [[("u", "Something else entirely, and longer than before: tell me a story."),
+                                        ("a", "Once upon a time there was a very long answer. " * 4)]]
+        other = pack(examples(tokenizer, changed), ["en"] * 3)
+        other_logits = model(other.inputs, documents=other.documents)[0].split(other.documents)
     for row in range(2):
-        n = int((a.targets[row] >= 0).nonzero().max()) + 1
-        assert torch.equal(a.inputs[row, :n], b.inputs[row, :n])
-        assert torch.allclose(la[row, :n], lb[row, :n], atol=1e-5, rtol=0)
-    assert not torch.allclose(la[2], lb[2, :la.shape[1]], atol=1e-2)  # the changed row did change
+        assert torch.allclose(other_logits[row], logits[row], atol=1e-5, rtol=0)
+    assert other_logits[2].shape != logits[2].shape  # the changed conversation did change
+    with pytest.raises(ValueError, match="must cover one row"):
+        model(packed.inputs, documents=packed.documents[:-1])
 
 
 # ---- the stream: mix, ranks, resume ----
@@ -193,11 +201,13 @@ def synthetic(sizes: dict[str, int], seed: int = 0) -> dict[str, ChatSet]:
 def source(sizes, mix=None, seed=0, rank=0, world=1) -> ChatSource:
     train = synthetic(sizes)
     mix = mix or dict.fromkeys(sizes, 1.0)
-    return ChatSource(train, synthetic({l: 3 for l in sizes}, 1), mix, seed, pad_id=0, rank=rank, world_size=world)
+    return ChatSource(train, synthetic({l: 3 for l in sizes}, 1), mix, seed, rank=rank, world_size=world)
 
 
 def ids_of(batch) -> list[int]:
-    return batch.inputs[:, 0].tolist()
+    """The first token of each packed conversation (its identity in `synthetic`)."""
+    starts = np.cumsum([0] + batch.documents[:-1])
+    return batch.inputs[0, starts].tolist()
 
 
 @pytest.mark.parametrize("mix", [None, {"en": 1.0, "ko": 3.0}])
@@ -216,7 +226,7 @@ def test_an_epoch_visits_every_conversation_once_in_length_groups():
     while len(en) < 2 * (2 * LENGTH_GROUP + 50):
         b = s.next_batch(1)
         if b.langs[0] == "en":
-            en.append((b.inputs[0, 0].item(), b.inputs.shape[1]))
+            en.append((b.inputs[0, 0].item(), b.documents[0]))
     n = 2 * LENGTH_GROUP + 50
     for epoch in (en[:n], en[n:]):
         assert sorted(i for i, _ in epoch) == list(range(n))
@@ -233,8 +243,8 @@ def test_two_ranks_see_together_what_one_process_sees():
         whole = single.next_batch(6)
         parts = [r.next_batch(3) for r in ranks]
         assert sorted(ids_of(whole)) == sorted(ids_of(parts[0]) + ids_of(parts[1]))
-        # each rank pads to its own longest row; the longest of all lands on one of them
-        assert max(p.inputs.shape[1] for p in parts) == whole.inputs.shape[1]
+        # each rank packs its own conversations; together they hold exactly the whole batch's tokens
+        assert sum(p.inputs.shape[1] for p in parts) == whole.inputs.shape[1]
     assert all(r.state_dict() == single.state_dict() for r in ranks)
 
 
