@@ -1,5 +1,6 @@
-"""SFT batching waste on the real chat data: elo's length-grouped right padding vs padding without grouping vs
-packing conversations into seq_len rows with a block-diagonal (document) mask.
+"""SFT batching waste on the real chat data: right padding with and without length groups vs packing conversations
+into seq_len rows with a dense block-diagonal (document) mask. (elo now packs each micro-batch into one row and runs
+attention per conversation, which wastes neither positions nor attention scores; these are the alternatives.)
 
     python benchmarks/sft_padding.py [--seq-len 2048] [--batch-size 8] [--steps 300]
 
@@ -44,7 +45,7 @@ def main() -> None:
         """(rank step, rank, conversation length) for each row, with length groups of `group`."""
         chat_data.LENGTH_GROUP = group
         out = []
-        ranks = [chat_data.ChatSource(source.train, source.val, source.mix, 0, source.pad_id, r, world)
+        ranks = [chat_data.ChatSource(source.train, source.val, source.mix, 0, r, world)
                  for r in range(world)]
         for step in range(rows // (args.batch_size * world)):
             for r, s in enumerate(ranks):

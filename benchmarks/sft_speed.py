@@ -27,7 +27,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft"
 
 def conversations(a) -> tuple[list, list, int]:
     """The timed steps' conversations as elo batches (packed, as elo.chat_data draws them) and as
-    (ids, trained) rows in stream order; plus their real token count (what a model reads, padding excluded)."""
+    (ids, trained) rows in stream order; plus their real token count (what a model reads, never padding)."""
     tok = elo.load_tokenizer(a.model)
     files = {"ko": [DATA / "ko_chatbot_data.jsonl"], "en": [DATA / "en_self_instruct_seed_tasks.jsonl",
                                                            DATA / "en_gpteacher_roleplay.jsonl"]}

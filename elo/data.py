@@ -50,15 +50,14 @@ class TextTokenizer(Protocol):
 @dataclass
 class Batch:
     inputs: torch.Tensor  # LongTensor [B, T]
-    targets: torch.Tensor  # LongTensor [B, T]: the next token where trained, -1 where not (padding, prompts)
+    targets: torch.Tensor  # LongTensor [B, T]: the next token where trained, -1 where not (prompts)
     langs: list[str]  # language of each row, or of each packed document
-    real_tokens: int | None = None  # input tokens that are not padding (None: all of them)
     documents: list[int] | None = None  # packed: one row holding documents of these lengths, each computed alone
 
     @property
     def num_tokens(self) -> int:
-        """Tokens the model reads, padding excluded: what throughput and MFU count."""
-        return self.inputs.numel() if self.real_tokens is None else self.real_tokens
+        """Tokens the model reads (no batch holds padding): what throughput and MFU count."""
+        return self.inputs.numel()
 
     def loss_by_language(self, per_token: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """(language, summed loss, trained tokens) of each row, or of each packed document."""

@@ -144,7 +144,7 @@ def markdown(report: dict) -> str:
     lines += ["", "wall s: the pipeline's clock for the stage (loading, training, validation, export; every attempt that "
               "finished). train s: the sum of step times in metrics.jsonl (each step once, however often the run was "
               "resumed). tokens: the target tokens the loss covered (SFT: assistant tokens only). tokens/s: the tokens "
-              "the model read per second of training (padding excluded), as the training log counts them. The train "
+              "the model read per second of training, as the training log counts them. The train "
               "stage's losses are the 2-layer ELO submodel's alone; its spliced model is scored below as `train`."]
     evaluation = report["evaluation"]
     if evaluation:

@@ -2,7 +2,8 @@
 (target language and English 1:1 by conversations) with the loss on assistant turns only, on the shared loop.
 
 The only difference from pretraining is the batch source (elo.chat_data: conversations rendered through the
-model's chat template, untrained tokens with target -1); the model part is the full model (or LoRA).
+model's chat template, untrained tokens with target -1, each micro-batch packed into one row whose
+conversations the model computes one by one); the model part is the full model (or LoRA).
 """
 from __future__ import annotations
 

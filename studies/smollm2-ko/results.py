@@ -16,6 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 KOBEST = ("kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic")
 FIGURES = ("fig2_alignment.png", "table1_time_vs_nll.png")
+MATPLOTLIB = "3.11.2"  # the version that drew the committed figures (another may differ in pixels, not content)
 
 
 def load(results_dir: Path) -> dict[str, dict]:
@@ -31,6 +32,10 @@ def nll(r: dict | None, label: str, lang: str) -> float | None:
 
 def f(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def delta(x: float | None, ref: float | None) -> str:
@@ -99,13 +104,20 @@ def write(results: dict[str, dict], out: Path) -> str:
       "(lr 5e-5) and LoRA r16 (lr 2e-4) read all N. N is small so that every arm fits in about 2 hours on this "
       "machine; at the paper's scale N is 10 GB of text.")
     p()
-    p("**Measures.** *Test NLL*: nats per token on text no arm trained on and no choice was made on: 200 news "
-      "sentences of the Korean-English parallel corpus (`../shared/data/parallel/ko_en.jsonl`, Korean side and its "
-      "English translation; for the Japanese arms 400 turns of `ja_en.jsonl`). *Validation*: the held-out Wikipedia "
-      "windows of the ELO run (16 × 256 tokens per language), on which the learning rate was chosen. KoBEST: the "
-      "first 100 test examples of each of the 5 tasks, macro F1 as in the paper. MMLU: the first 20 test questions of "
-      "each of the 12 subjects here (240), accuracy ± binomial standard error. Benchmarks are cut for time; at "
-      "135M parameters they sit near chance, so differences smaller than two standard errors mean nothing.")
+    tokens = {lang: (base or {}).get("models", {}).get("base", {}).get("nll", {}).get(lang, {}).get("tokens")
+              for lang in ("ko", "en")}
+    base_tasks = (base or {}).get("models", {}).get("base", {}).get("tasks", {})
+    n_kobest = base_tasks.get("kobest_copa", {}).get("n")
+    n_mmlu = (mmlu(base_tasks) or {}).get("n")
+    p(f"**Measures.** *Test NLL*: nats per token on text no arm trained on and no choice was made on: the first 100 "
+      f"news sentence pairs of the Korean-English parallel corpus (`../shared/data/parallel/ko_en.jsonl`), the "
+      f"Korean side ({tokens['ko'] or '?':,} tokens) and its English translation ({tokens['en'] or '?':,} tokens); "
+      f"for the Japanese arms the first 200 turns of `ja_en.jsonl`. *Validation*: the held-out Wikipedia windows of "
+      f"the ELO run (16 × 256 tokens per language), on which the learning rate was chosen. KoBEST: the first "
+      f"{n_kobest or '?'} test examples of each of the 5 tasks, macro F1 as in the paper. MMLU: the first "
+      f"{(n_mmlu or 0) // 12 or '?'} test questions of each of the 12 subjects here ({n_mmlu or '?'} in all), "
+      f"accuracy ± binomial standard error. Benchmarks are cut for time; at 135M parameters they sit near chance, "
+      f"so differences smaller than two standard errors mean nothing.")
     p()
 
     # ---- learning-rate sweep
@@ -119,7 +131,7 @@ def write(results: dict[str, dict], out: Path) -> str:
             continue
         a, t = r["stages"]["align"], r["stages"]["train"]
         v = a["val_loss"]
-        rows.append([f"{r['lr']:g}", f(t["val_loss"].get("val_loss/ko")),
+        rows.append([lr_text(r["lr"]), f(t["val_loss"].get("val_loss/ko")),
                      f"{f(r['stages']['align']['step0'].get('base_val_loss/ko'))} / "
                      f"{f(r['stages']['align']['step0'].get('base_val_loss/en'))}",
                      f"{f(_spliced(r, 'ko'))} / {f(_spliced(r, 'en'))}",
@@ -129,7 +141,7 @@ def write(results: dict[str, dict], out: Path) -> str:
             best = (r["lr"], v["val_loss/ko"])
     p.table(["ELO lr", "submodel val ko (end)", "base val ko / en", "spliced val ko / en (step 0 of align)",
              "aligned val ko / en", "aligned test NLL ko / en"], rows)
-    p(f"Chosen (lowest Korean validation loss after alignment): **{best[0]:g}**; every later ELO arm uses it."
+    p(f"Chosen (lowest Korean validation loss after alignment): **{lr_text(best[0])}**; every later ELO arm uses it."
       if best else "Chosen: not run yet.")
     p()
 
@@ -137,7 +149,6 @@ def write(results: dict[str, dict], out: Path) -> str:
     p("## 2. Table 1 analog: ELO + alignment vs full fine-tuning vs LoRA on N tokens")
     p()
     fft_t, lora_t = stage_time(t1, "fft", key="train_s"), stage_time(t1, "lora", key="train_s")
-    elo_t = stage_time(t1, "train", "align", key="train_s")
     models = [("base", base, "base", None), ("full fine-tune (N)", t1, "fft", ("fft",)),
               ("LoRA r16 (N)", t1, "lora", ("lora",)), ("ELO (1,30) 0.9N + align 0.1N", t1, "elo+align",
                                                         ("train", "align")),
@@ -157,14 +168,14 @@ def write(results: dict[str, dict], out: Path) -> str:
                      f(nll(r, label, "ko")), f(nll(r, label, "en")),
                      f(kobest_f1(tasks)), acc_se(m)])
     p.table(["model", "wall s", "train s", "speed vs FFT", "speed vs LoRA", "test NLL ko", "test NLL en",
-             "KoBEST macro F1 (5 tasks)", "MMLU acc (240)"], rows)
+             "KoBEST macro F1 (5 tasks)", "MMLU acc"], rows)
     p("wall s: the pipeline's clock for the stages (loading, validation, export included); train s: the sum of "
       "step times. Speed = FFT's (LoRA's) train s ÷ this row's: the ELO row counts ELO and alignment together. The "
       "machine was shared with other work during the study, so times carry noise of tens of percent; "
       "`BENCHMARKS.md` has the quiet-machine throughput (ELO 5.46x FFT per token).")
     p()
     if t1 and any(t in t1["models"].get("fft", {}).get("tasks", {}) for t in KOBEST):
-        p("KoBEST per task (macro F1), first 100 test examples each:")
+        p("KoBEST per task (macro F1):")
         p()
         rows = []
         for title, r, label, _ in models:
@@ -244,7 +255,7 @@ def write(results: dict[str, dict], out: Path) -> str:
         tasks = (r or {}).get("models", {}).get(label, {}).get("tasks", {})
         rows.append([title, f(stage_time(r, *stages, key="train_s"), 0) if stages else "—",
                      f(nll(r, label, "ja")), f(nll(r, label, "en")), acc_se(tasks.get("jcommonsenseqa"))])
-    p.table(["model", "train s", "test NLL ja", "test NLL en", "JCommonsenseQA acc (200, 3-shot)"], rows)
+    p.table(["model", "train s", "test NLL ja", "test NLL en", "JCommonsenseQA acc (3-shot)"], rows)
     p("MARC-ja, the paper's other Japanese task, has no data here (it is not in `../shared/data/eval`).")
     p()
 
@@ -262,7 +273,7 @@ def _spliced(r: dict, lang: str) -> float | None:
 
 
 def fig2_points(results: dict) -> list[tuple]:
-    t1, sur = results.get("table1"), results.get("surrogate")
+    sur = results.get("surrogate")
     pts = []
     for pct, name, label in ((0, "table1", "elo spliced"), (2.5, "align-2.5", "elo+align"),
                              (5, "align-5", "elo+align"), (10, "table1", "elo+align"),
@@ -272,7 +283,6 @@ def fig2_points(results: dict) -> list[tuple]:
         s_label = {0: "elo spliced", 10: "elo+align"}.get(pct)
         pts.append((pct, tokens, nll(r, label, "ko"), nll(r, label, "en"),
                     nll(sur, s_label, "ko") if s_label else None, nll(sur, s_label, "en") if s_label else None))
-    del t1
     return pts
 
 
@@ -282,7 +292,7 @@ def claims(p: Page, results: dict) -> None:
     b_ko, b_en = nll(base, "base", "ko"), nll(base, "base", "en")
     e_ko, e_en = nll(t1, "elo+align", "ko"), nll(t1, "elo+align", "en")
     s_ko = nll(t1, "elo spliced", "ko")
-    fft_ko, fft_en = nll(t1, "fft", "ko"), nll(t1, "fft", "en")
+    fft_ko = nll(t1, "fft", "ko")
     c_ko = nll(control, "align only", "ko")
     known = lambda *xs: None if any(x is None for x in xs) else True  # noqa: E731
 

@@ -4,8 +4,8 @@
     python studies/smollm2-ko/results.py                                  # RESULTS.md + figures from results/*.json
 
 Each arm is one recipe in recipes/, trained by `pipeline.py` (its printed command reproduces it), then scored by
-`evaluate.py` with the same arguments for every model: NLL per token on text no arm trained on (200 news sentence
-pairs of the Korean-English parallel corpus, both sides; for the Japanese arms 400 turns of the Japanese-English
+`evaluate.py` with the same arguments for every model: NLL per token on text no arm trained on (100 news sentence
+pairs of the Korean-English parallel corpus, both sides; for the Japanese arms 200 turns of the Japanese-English
 business dialogues) and, for the headline models, the benchmarks cut to LIMIT examples per task. Hyperparameters
 are chosen on the ELO runs' own held-out Wikipedia windows (the validation split), never on these.
 
@@ -40,7 +40,7 @@ from elo.jsonl import read_jsonl  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KOBEST = "kobest_boolq,kobest_copa,kobest_hellaswag,kobest_sentineg,kobest_wic"
-KOBEST_LIMIT, MMLU_LIMIT, JCQA_LIMIT = 100, 20, 200  # examples per task (MMLU: per subject, 12 subjects)
+KOBEST_LIMIT, MMLU_LIMIT, JCQA_LIMIT = 50, 10, 100  # examples per task (MMLU: per subject, 12 subjects)
 LR_SWEEP = ("elo-lr2e-5", "elo-lr6e-5", "elo-lr2e-4")
 
 
@@ -78,7 +78,7 @@ ARMS = [
 
 def test_text(out: Path, lang: str) -> dict[str, Path]:
     """The scored text, written once under the run directory (derived from ../shared/data; never committed)."""
-    pairs, n, field_ = (("ko_en.jsonl", 200, "ko") if lang == "ko" else ("ja_en.jsonl", 400, "ja"))
+    pairs, n, field_ = (("ko_en.jsonl", 100, "ko") if lang == "ko" else ("ja_en.jsonl", 200, "ja"))
     rows = [r for _, r in read_jsonl(DATA / "parallel" / pairs)][:n]
     files = {}
     for key in (field_, "en"):
