@@ -6,6 +6,10 @@ Each fit runs in its own process (so its peak memory is its own), fed by an elo.
 would feed it. The data are the first documents of each language's file (copied to a temp dir; the rest is unused).
 
     python benchmarks/middle_fit.py [--model smollm2-135m-instruct] [--layers 1,30] [--tokens 12000,50000]
+
+`--random llama-3.2-1b` measures the cost on a bigger shape instead: a random-weight fp32 checkpoint of that shape
+(transformers' own initialisation, in a temp dir) with SmolLM2's tokenizer, whose ids (< 49152) fit its vocabulary,
+over the same data. Its R² and KL describe a random network, not the trained model.
 """
 from __future__ import annotations
 
@@ -29,6 +33,26 @@ from elo.flops import train_flops_per_token  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
 DOCS = {"ko": 400, "en": 80}  # ~1M Korean and ~40k English tokens for SmolLM2's tokenizer
 EVAL_DOCS = range(1000, 1004)  # Korean documents no fit reads, for the KL
+RANDOM = {  # shapes for --random: transformers.LlamaConfig arguments as in the published config.json
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+}
+
+
+def random_model(shape: str, directory: Path) -> str:
+    """Save a random-weight fp32 model of `shape` (RANDOM) to `directory`, with the default model's tokenizer."""
+    import transformers
+
+    from elo.checkpoint import copy_side_files
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**RANDOM[shape])).save_pretrained(directory)
+    copy_side_files(elo.resolve(elo.DEFAULT_MODEL), directory)  # tokenizer files (and a generation config)
+    return str(directory)
 
 
 def sampler(a, directory: Path):
@@ -120,7 +144,8 @@ def child(args: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=elo.DEFAULT_MODEL)
-    p.add_argument("--layers", default="1,30")
+    p.add_argument("--layers", default=None, help="default: 1 and the last layer (1,30 for the default model)")
+    p.add_argument("--random", choices=RANDOM, help="a random-weight model of this shape instead of --model")
     p.add_argument("--tokens", default="12000,50000", help="fit sizes N, comma-separated")
     p.add_argument("--ridge-tokens", type=int, default=12000, help="N of the ridge sweep (0: skip it)")
     p.add_argument("--seq-len", type=int, default=512)
@@ -135,10 +160,22 @@ def main() -> None:
                   "step": lambda: step_child(a)}[kind]()
         print(json.dumps(result))
         return
+    if a.layers is None:
+        a.layers = f"1,{RANDOM[a.random]['num_hidden_layers']}" if a.random else "1,30"
+    if not a.random:
+        return report(a, a.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        a.model = random_model(a.random, Path(tmp))
+        report(a, f"random-weight {a.random} (fp32, SmolLM2 tokenizer; built and saved in "
+                  f"{time.perf_counter() - t:.0f} s)")
 
+
+def report(a, name: str) -> None:
+    """Run the children for `a.model` and print the table."""
     common = ["--model", a.model, "--layers", a.layers, "--seq-len", str(a.seq_len), "--batch-size",
               str(a.batch_size), "--seed", str(a.seed), "--repeats", str(a.repeats)]
-    print(f"# {machine()}\n# {a.model}, layers {a.layers}, seq {a.seq_len}, batch {a.batch_size}")
+    print(f"# {machine()}\n# {name}, layers {a.layers}, seq {a.seq_len}, batch {a.batch_size}")
     step = child(common + ["--child", "step"])
     for name, s in step.items():
         print(f"ELO step ({name}): {s['step_s']:.3f} s, {s['tokens_per_s']:,.0f} tok/s, "
@@ -153,6 +190,8 @@ def main() -> None:
         print(f"| {n:,} (+{r['held_out']:,}) | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
               f"{r['rss_loaded_gb']:.2f} / {r['peak_rss_gb']:.2f} | {r2} | {r['kl_plain']:.3f} | "
               f"{r['kl_surrogate']:.3f} | {r['seconds'] * elo_tps:,.0f} |", flush=True)
+    if a.random:
+        print("# random weights: the R² and KL say nothing about how well the surrogate fits a trained model")
     if a.ridge_tokens:
         sweep = child(common + ["--child", f"ridge:{a.ridge_tokens}"])
         print(f"held-out R² per gap vs ridge at N = {a.ridge_tokens:,}: "

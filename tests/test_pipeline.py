@@ -294,6 +294,21 @@ def test_bad_recipe_is_one_line_error(text, message, tmp_path, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
 
+@pytest.mark.parametrize("align,steps", [("", 10 + 2), ("tokens = \"50%\"\n", 10 + 5),
+                                         ("max_steps = 3\nbatch_size = 4\n", 10 + 6), (None, 10)])
+def test_baselines_read_elo_plus_alignment_tokens(align, steps, tmp_path):
+    """ELO: 10 steps of 2 x 32 = 640 tokens; alignment 1/9 of them (72 -> 2 steps of 64), 50% (320 -> 5 steps), or
+    3 steps of 4 x 32 (384 -> 6 steps); without [align] the baselines read ELO's tokens only."""
+    (tmp_path / "ko.jsonl").write_text('{"text": "안녕하세요"}\n', encoding="utf-8")
+    text = ("[data.ko]\npretrain = \"ko.jsonl\"\n[train]\nseq_len = 32\nbatch_size = 2\nmax_steps = 10\n"
+            + ("" if align is None else "[align]\n" + align) + "[fft]\n[lora]\nlora_rank = 4\n")
+    (tmp_path / "r.toml").write_text(text, encoding="utf-8")
+    p = pipeline.plan(tmp_path / "r.toml", tmp_path / "out")
+    for name in ("fft", "lora"):
+        argv = p.stages[name].argv
+        assert argv[argv.index("--max-steps") + 1] == str(steps)
+
+
 def test_from_names_a_stage_of_the_recipe(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_main(pipeline.main, [str(recipe.parent / "short.toml"), "--out", str(tmp_path / "out"), "--from", "sft"])
