@@ -115,7 +115,8 @@ def step_child(a) -> dict:
     full = elo.load_model(a.model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, full.config.vocab_size, (a.batch_size, a.seq_len + 1), generator=g)
-    surrogate = elo.fit_middle(full, a.layers, [ids[:, :-1]] * 2, tokens=full.config.hidden_size + 1)  # timing only
+    surrogate = elo.fit_middle(full, a.layers, itertools.repeat(ids[:1, :-1]),  # timing only: any data will do
+                               tokens=full.config.hidden_size + 1)
     out = {}
     for name in ("plain", "surrogate"):
         sub = elo.detach(full, a.layers)
@@ -171,11 +172,11 @@ def main() -> None:
                   f"{time.perf_counter() - t:.0f} s)")
 
 
-def report(a, name: str) -> None:
+def report(a, label: str) -> None:
     """Run the children for `a.model` and print the table."""
     common = ["--model", a.model, "--layers", a.layers, "--seq-len", str(a.seq_len), "--batch-size",
               str(a.batch_size), "--seed", str(a.seed), "--repeats", str(a.repeats)]
-    print(f"# {machine()}\n# {name}, layers {a.layers}, seq {a.seq_len}, batch {a.batch_size}")
+    print(f"# {machine()}\n# {label}, layers {a.layers}, seq {a.seq_len}, batch {a.batch_size}")
     step = child(common + ["--child", "step"])
     for name, s in step.items():
         print(f"ELO step ({name}): {s['step_s']:.3f} s, {s['tokens_per_s']:,.0f} tok/s, "

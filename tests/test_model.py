@@ -53,6 +53,19 @@ def test_kv_cache_matches_full_forward(tiny):
         model(ids[:, :1], cache=cache)
 
 
+def test_packed_documents_equal_transformers_on_each_alone(tiny):
+    """A row packing documents of 5, 20 and 13 tokens (longer than the Mistral / Qwen2 window of 8, so the sliding
+    window applies within a document): each document's logits equal transformers' on that document alone."""
+    arch, directory, hf = tiny
+    model = elo.load_model(directory)
+    documents = [5, 20, 13]
+    ids = torch.randint(0, 256, (1, sum(documents)), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        packed = model(ids, documents=documents)[0].split(documents)
+        for doc, got in zip(ids[0].split(documents), packed):
+            assert (got - hf(doc[None]).logits[0]).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_fp32(tiny_llama, dtype):
     directory, _ = tiny_llama

@@ -41,7 +41,7 @@ from elo.jsonl import read_jsonl  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 KOBEST = "kobest_boolq,kobest_copa,kobest_hellaswag,kobest_sentineg,kobest_wic"
 KOBEST_LIMIT, MMLU_LIMIT, JCQA_LIMIT = 50, 10, 100  # examples per task (MMLU: per subject, 12 subjects)
-LR_SWEEP = ("elo-lr2e-5", "elo-lr6e-5", "elo-lr2e-4")
+LR_SWEEP = ("elo-lr6e-6", "elo-lr2e-5", "elo-lr6e-5", "elo-lr2e-4")
 
 
 @dataclass
@@ -71,6 +71,10 @@ ARMS = [
     Arm("align-layers", "align-layers.toml", {"elo+align": "align/model"}, uses_choice=True),
     Arm("align-lora", "align-lora.toml", {"elo+align": "align/model"}, uses_choice=True),
     *[Arm(f"ratio-{r}", f"ratio-{r}.toml", ALIGNED, uses_choice=True) for r in ("0-1", "1-1")],
+    Arm("seed1-elo", "seed1-elo.toml", ALIGNED, uses_choice=True),
+    Arm("seed1-control", "seed1-control.toml", {"align only": "align/model"}, uses_choice=True),
+    Arm("seed1-surrogate", "seed1-surrogate.toml", ALIGNED, uses_choice=True),
+    Arm("seed1-fft", "seed1-fft.toml", {"fft": "train/model"}),
     Arm("ja", "ja.toml", {"elo+align": "align/model", "elo spliced": "align/spliced", "fft": "fft/model"},
         ("elo+align", "fft"), lang="ja", uses_choice=True),
 ]
