@@ -64,13 +64,13 @@ ARMS = [
         ("elo+align", "elo spliced", "fft", "lora"), uses_choice=True),
     Arm("control", "control.toml", {"align only": "align/model"}, ("align only",), uses_choice=True),
     Arm("surrogate", "surrogate.toml", ALIGNED, ("elo+align", "elo spliced"), uses_choice=True),
-    *[Arm(f"align-{p}", f"align-{p}.toml", {"elo+align": "align/model"}, uses_choice=True)
-      for p in ("2.5", "5", "20")],
-    *[Arm(f"layers-{s}", f"layers-{s}.toml", ALIGNED, uses_choice=True)
-      for s in ("8-23", "1-15", "1-15-30", "auto")],
-    Arm("align-layers", "align-layers.toml", {"elo+align": "align/model"}, uses_choice=True),
-    Arm("align-lora", "align-lora.toml", {"elo+align": "align/model"}, uses_choice=True),
-    *[Arm(f"ratio-{r}", f"ratio-{r}.toml", ALIGNED, uses_choice=True) for r in ("0-1", "1-1")],
+    # the mechanism arms run at lr 6e-5: at the chosen rate ELO leaves the layers nearly as they were (RESULTS.md)
+    *[Arm(f"align-{p}", f"align-{p}.toml", {"elo+align": "align/model"}) for p in ("2.5", "5", "20")],
+    *[Arm(f"layers-{s}", f"layers-{s}.toml", ALIGNED) for s in ("8-23", "1-15", "1-15-30", "auto")],
+    Arm("align-layers", "align-layers.toml", {"elo+align": "align/model"}),
+    Arm("align-lora", "align-lora.toml", {"elo+align": "align/model"}),
+    *[Arm(f"ratio-{r}", f"ratio-{r}.toml", ALIGNED) for r in ("0-1", "1-1")],
+    *[Arm(f"surrogate-lr{lr}", f"surrogate-lr{lr}.toml", ALIGNED) for lr in ("6e-5", "2e-4")],
     Arm("seed1-elo", "seed1-elo.toml", ALIGNED, uses_choice=True),
     Arm("seed1-control", "seed1-control.toml", {"align only": "align/model"}, uses_choice=True),
     Arm("seed1-surrogate", "seed1-surrogate.toml", ALIGNED, uses_choice=True),
