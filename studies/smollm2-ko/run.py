@@ -123,6 +123,9 @@ def seed_elo_run(arm: Arm, out: Path) -> None:
         theirs = recipe_of(other)
         if all(mine.get(k) == theirs.get(k) for k in ("model", "nproc", "data", "train")):
             print(f"{arm.name}: starting from {other.name}'s ELO run (the same recipe [train]); copying it", flush=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # what marks a pipeline run directory (the pipeline writes the same file when it starts)
+            shutil.copy(HERE / "recipes" / arm.recipe, target.parent / "recipe.toml")
             shutil.copytree(out / other.name / "train", target, copy_function=os.link,
                             ignore=shutil.ignore_patterns("checkpoints"))
             return
