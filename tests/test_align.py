@@ -202,7 +202,8 @@ def test_two_processes_match_one_and_sharded_loading_is_exact(env, elo_runs, tmp
         "for n, p in m.named_parameters():\n"
         "    local = p.to_local()\n    assert local.numel() < ref[n].numel() or ref[n].shape[0] < 2, n\n"
         "    assert torch.equal(p.full_tensor(), ref[n]), n\n"
-        "print('exact', d.rank)\ndistributed.close(d)\n")
+        # one write per rank: print('exact', rank) writes its pieces separately, and two ranks interleave them
+        "import sys\nsys.stdout.write(f'exact {d.rank}\\n')\nsys.stdout.flush()\ndistributed.close(d)\n")
     r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(check)])
     assert r.returncode == 0 and "exact 0" in r.stdout and "exact 1" in r.stdout, r.stderr[-3000:]
 
