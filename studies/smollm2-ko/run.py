@@ -52,6 +52,7 @@ class Arm:
     benchmarks: tuple[str, ...] = ()  # labels also scored on the benchmarks
     lang: str = "ko"
     uses_choice: bool = False  # trains ELO at the learning rate the sweep chose (checked before it runs)
+    timed: bool = False  # trains its own ELO run (never a copy), so its stages' times compare with each other
     notes: dict = field(default_factory=dict)
 
 
@@ -61,7 +62,7 @@ ARMS = [
     Arm("base-ja", None, {"base": MODEL}, ("base",), lang="ja"),
     *[Arm(n, f"{n}.toml", ALIGNED) for n in LR_SWEEP],
     Arm("table1", "table1.toml", ALIGNED | {"fft": "fft/model", "lora": "lora/model"},
-        ("elo+align", "elo spliced", "fft", "lora"), uses_choice=True),
+        ("elo+align", "elo spliced", "fft", "lora"), uses_choice=True, timed=True),
     Arm("control", "control.toml", {"align only": "align/model"}, ("align only",), uses_choice=True),
     Arm("surrogate", "surrogate.toml", ALIGNED, ("elo+align", "elo spliced"), uses_choice=True),
     # the mechanism arms run at lr 6e-5: at the chosen rate ELO leaves the layers nearly as they were (RESULTS.md)
@@ -76,7 +77,7 @@ ARMS = [
     Arm("seed1-surrogate", "seed1-surrogate.toml", ALIGNED, uses_choice=True),
     Arm("seed1-fft", "seed1-fft.toml", {"fft": "train/model"}),
     Arm("ja", "ja.toml", {"elo+align": "align/model", "elo spliced": "align/spliced", "fft": "fft/model"},
-        ("elo+align", "fft"), lang="ja", uses_choice=True),
+        ("elo+align", "fft"), lang="ja", uses_choice=True, timed=True),
 ]
 
 
@@ -115,7 +116,7 @@ def seed_elo_run(arm: Arm, out: Path) -> None:
     """Start from a hard-linked copy of an identical ELO run of an earlier arm, when there is one."""
     mine = recipe_of(arm)
     target = out / arm.name / "train"
-    if "train" not in mine or target.exists():
+    if arm.timed or "train" not in mine or target.exists():
         return
     for other in ARMS:
         if other is arm or other.recipe is None or not (out / other.name / "train" / "model" / ".elo-output").is_file():
