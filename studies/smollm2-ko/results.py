@@ -348,7 +348,7 @@ def summary(p: Page, results: dict) -> None:
     fft_t, elo_t = stage_time(t1, "fft", key="train_s"), stage_time(t1, "train", "align", key="train_s")
     if None not in (fft_t, elo_t):
         p(f"- **Training time:** ELO (0.9 N) + alignment (0.1 N) took {elo_t:.0f} s of training against {fft_t:.0f} s "
-          f"for full fine-tuning on N ({fft_t / elo_t:.1f}x faster); the same quality costs only the 0.1 N alignment "
+          f"for full fine-tuning on N ({fft_t / elo_t:.1f}x the speed); the same quality costs only the 0.1 N alignment "
           f"tokens on the base ({stage_time(R('control'), 'align', key='train_s'):.0f} s).")
     p("- One seed per arm (two for the headline comparison), N = 40,960 tokens, a 135M model: the paper's claims are "
       "about 7-8B models and 10 GB of text. What holds at 135M need not hold there, and the reverse.")
