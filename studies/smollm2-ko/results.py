@@ -244,12 +244,15 @@ def write(results: dict[str, dict], out: Path) -> str:
     for name, title in (("elo-lr6e-5", "1,30 (the paper's choice)"), ("layers-8-23", "8,23 (middle)"),
                         ("layers-1-15", "1,15"), ("layers-1-15-30", "1,15,30"), ("layers-auto", "auto:2")):
         r = R(name)
-        layers = ",".join(map(str, r["elo_layers"])) if r and r.get("elo_layers") else title.split(" ")[0]
+        layers = str(r["elo_layers"]) if r and r.get("elo_layers") else title.split(" ")[0]
         rows.append([title if name != "layers-auto" or not r else f"auto:2 → {layers}",
                      f(nll(r, "elo spliced", "ko")), f(nll(r, "elo spliced", "en")),
                      f(nll(r, "elo+align", "ko")), f(nll(r, "elo+align", "en")),
                      f(stage_time(r, "train", key="train_s"), 0)])
     p.table(["ELO layers", "spliced ko", "spliced en", "+ align ko", "+ align en", "ELO train s"], rows)
+    p("ELO train s is the sum of step times as measured while the study ran; a run that shared the CPU with other "
+      "work (tests, benchmarks) shows it, e.g. the (1,30) and auto rows train the same layers on the same data.")
+    p()
     auto = R("layers-auto")
     if auto and auto.get("layer_scores"):
         s = auto["layer_scores"]
