@@ -50,7 +50,7 @@ def lr_text(lr: float) -> str:
 
 
 def delta(x: float | None, ref: float | None) -> str:
-    return "—" if x is None or ref is None else f"{x - ref:+.3f}"
+    return "—" if x is None or ref is None else f"{round(x - ref, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
 
 
 def stage_time(r: dict | None, *stages: str, key: str = "wall_s") -> float | None:
@@ -288,7 +288,7 @@ def write(results: dict[str, dict], out: Path) -> str:
         rows.append([title, f(nll(r, "elo spliced", "ko")), f(nll(r, "elo spliced", "en")),
                      f(nll(r, "elo+align", "ko")), delta(nll(r, "elo+align", "ko"), nll(base, "base", "ko")),
                      f(nll(r, "elo+align", "en")), delta(nll(r, "elo+align", "en"), nll(base, "base", "en"))])
-    p.table(["en:ko", "spliced ko", "spliced en", "+ align ko", "ko gain vs base", "+ align en",
+    p.table(["en:ko", "spliced ko", "spliced en", "+ align ko", "ko change vs base", "+ align en",
              "en change vs base"], rows)
 
     # ---- japanese
@@ -437,6 +437,14 @@ def claims(p: Page, results: dict) -> None:
           tuple(layers.values()), lambda: layers["elo-lr6e-5"] <= min(layers.values()),
           lambda: ", ".join(f"{k.replace('elo-lr6e-5', '1-30').removeprefix('layers-')}: {v:.3f}"
                             for k, v in layers.items()))
+    en0, en19 = nll(R("ratio-0-1"), "elo+align", "en"), nll(R("elo-lr6e-5"), "elo+align", "en")
+    claim("Without English in the mix, English is forgotten (the paper's reason for 1:9)",
+          f"at lr 6e-5: en NLL after 0:1 above that after 1:9 by more than {NOISE}", (en0, en19),
+          lambda: en0 > en19 + NOISE, lambda: f"{en0:.3f} (0:1) vs {en19:.3f} (1:9)")
+    ja_e, ja_f = nll(R("ja"), "elo+align", "ja"), nll(R("ja"), "fft", "ja")
+    claim("Japanese: ELO + alignment gets close to full fine-tuning (paper, Table 1, Japanese half)",
+          "test NLL ja within 0.05 nats of FFT's", (ja_e, ja_f), lambda: ja_e - ja_f <= 0.05,
+          lambda: f"{ja_e:.3f} vs FFT {ja_f:.3f}")
     for lr, plain, sur in (("6e-5", "elo-lr6e-5", "surrogate-lr6e-5"), ("2e-4", "elo-lr2e-4", "surrogate-lr2e-4")):
         sp, ss = ko(plain, "elo spliced"), ko(sur, "elo spliced")
         claim(f"(issue 14) The fitted surrogate makes the splice hurt less (lr {lr})",
