@@ -160,10 +160,10 @@ def write(results: dict[str, dict], out: Path) -> str:
     surrogates = {r["lr"]: r for r in (R("surrogate"), R("surrogate-lr6e-5"), R("surrogate-lr2e-4")) if r}
     rows = []
     for lr in sorted(surrogates):
-        plain, sur = sweep.get(lr), surrogates[lr]
+        pair = (sweep.get(lr), surrogates[lr])
         rows.append([lr_text(lr), *[f"{f(_spliced(r, 'ko') if r else None)} / {f(_aligned(r) if r else None)}"
-                                    for r in (plain, sur)],
-                     *[f"{f(nll(r, 'elo+align', 'ko'))} / {f(nll(r, 'elo+align', 'en'))}" for r in (plain, sur)]])
+                                    for r in pair],
+                     *[f"{f(nll(r, 'elo+align', 'ko'))} / {f(nll(r, 'elo+align', 'en'))}" for r in pair]])
     p.table(["ELO lr", "plain: spliced / aligned val ko", "surrogate: spliced / aligned val ko",
              "plain: aligned test ko / en", "surrogate: aligned test ko / en"], rows)
 
@@ -192,9 +192,12 @@ def write(results: dict[str, dict], out: Path) -> str:
     p.table(["model", "wall s", "train s", "speed vs FFT", "speed vs LoRA", "test NLL ko", "test NLL en",
              "KoBEST macro F1 (5 tasks)", "MMLU acc"], rows)
     p("wall s: the pipeline's clock for the stages (loading, validation, export included); train s: the sum of "
-      "step times. Speed = FFT's (LoRA's) train s ÷ this row's: the ELO row counts ELO and alignment together. The "
-      "machine was shared with other work during the study, so times carry noise of tens of percent; "
-      "`BENCHMARKS.md` has the quiet-machine throughput (ELO 5.46x FFT per token).")
+      "step times. Speed = FFT's (LoRA's) train s ÷ this row's: the ELO row counts ELO and alignment together. "
+      "The table-1 arm trains its own ELO run so that its four stages are timed in one sitting (FFT and LoRA shared "
+      "the CPU with a low-priority test run; ELO and alignment ran alone); the other rows' times come from their own "
+      "arms and carry the noise of whatever else ran. The surrogate rows' wall time includes fitting the surrogate "
+      "(12,000 tokens through the full model). `BENCHMARKS.md` has quiet-machine throughput at seq 512 (ELO 5.46x "
+      "FFT per token).")
     p()
     if t1 and any(t in t1["models"].get("fft", {}).get("tasks", {}) for t in KOBEST):
         p("KoBEST per task (macro F1):")
@@ -303,7 +306,9 @@ def write(results: dict[str, dict], out: Path) -> str:
         rows.append([title, f(stage_time(r, *stages, key="train_s"), 0) if stages else "—",
                      f(nll(r, label, "ja")), f(nll(r, label, "en")), acc_se(tasks.get("jcommonsenseqa"))])
     p.table(["model", "train s", "test NLL ja", "test NLL en", "JCommonsenseQA acc (3-shot)"], rows)
-    p("MARC-ja, the paper's other Japanese task, has no data here (it is not in `../shared/data/eval`).")
+    p("ELO at the rate chosen on Korean (no Japanese sweep), alignment and full fine-tuning as for Korean. MARC-ja, "
+      "the paper's other Japanese task, has no data here (it is not in `../shared/data/eval`). No alignment-alone "
+      "control was run for Japanese.")
     p()
 
     # ---- claims
@@ -491,10 +496,18 @@ def figures(results: dict, out: Path) -> list[str]:
     t1 = results.get("table1")
     if t1 and all(s in t1.get("stages", {}) for s in ("fft", "lora", "train", "align")):
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for label, stages, name in (("fft", ("fft",), "FFT"), ("lora", ("lora",), "LoRA r16"),
-                                    ("elo+align", ("train", "align"), "ELO + align")):
-            ax.plot(stage_time(t1, *stages, key="train_s"), nll(t1, label, "ko"), "o")
-            ax.annotate(name, (stage_time(t1, *stages, key="train_s"), nll(t1, label, "ko")), fontsize=8)
+        points = [(t1, "fft", ("fft",), "FFT"), (t1, "lora", ("lora",), "LoRA r16"),
+                  (t1, "elo+align", ("train", "align"), "ELO + align"),
+                  (results.get("control"), "align only", ("align",), "alignment alone")]
+        for r, label, stages, name in points:
+            if nll(r, label, "ko") is not None:
+                ax.plot(stage_time(r, *stages, key="train_s"), nll(r, label, "ko"), "o")
+                ax.annotate(name, (stage_time(r, *stages, key="train_s"), nll(r, label, "ko")), fontsize=8,
+                            xytext=(4, -12 if label == "align only" else 4), textcoords="offset points")
+        if nll(results.get("base"), "base", "ko") is not None:
+            ax.axhline(nll(results["base"], "base", "ko"), color="gray", lw=1)
+            ax.annotate("base", (1, nll(results["base"], "base", "ko")), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=8)
         ax.set_xlabel("training time (s, sum of steps)")
         ax.set_ylabel("test NLL ko")
         fig.tight_layout()
