@@ -199,6 +199,12 @@ def write(results: dict[str, dict], out: Path) -> str:
       "(12,000 tokens through the full model). `BENCHMARKS.md` has quiet-machine throughput at seq 512 (ELO 5.46x "
       "FFT per token).")
     p()
+    if t1:
+        p("Per stage of the table-1 arm (`results/table1.json`):")
+        p()
+        rows = [[name, f(st["wall_s"], 1), f(st["train_s"], 1), count(st["steps"]), count(st["tokens"]),
+                 f(st["tokens_per_s"], 0)] for name, st in t1["stages"].items()]
+        p.table(["stage", "wall s", "train s", "steps", "tokens trained", "tokens read / s"], rows)
     if t1 and any(t in t1["models"].get("fft", {}).get("tasks", {}) for t in KOBEST):
         p("KoBEST per task (macro F1):")
         p()
