@@ -4,7 +4,7 @@ Splices the trained ELO layers into the base while loading and fine-tunes the wh
 1/9 of the ELO run's tokens, continuing its data stream). See `python align.py --help`.
 """
 from elo.align import main
-from elo.cli import run_main
+from elo.tools.cli import run_main
 
 if __name__ == "__main__":
     run_main(main)

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 import elo
-from elo import scoring, tasks
-from elo.checkpoint import load_config
-from elo.cli import ArgumentParser, fail, run_main
-from elo.files import atomic_write_text, sha256_file
-from elo.jsonl import read_jsonl
-from elo.results import compare_table, results_table
+from elo.evaluation import scoring, tasks
+from elo.hf.checkpoint import load_config
+from elo.tools.cli import ArgumentParser, fail, run_main
+from elo.tools.files import atomic_write_text, sha256_file
+from elo.tools.jsonl import read_jsonl
+from elo.evaluation.results import compare_table, results_table
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "eval"
 GENERATION_BENCHES = ("mt_bench", "mt_bench_ja", "logickor")
@@ -105,8 +105,8 @@ def heldout_plan(run_dir: Path) -> dict:
 
 def heldout_windows(plan: dict) -> dict[str, np.ndarray]:
     """Per language, the run's held-out windows [n, seq_len + 1] (input w[:-1], target w[1:]), exactly as its
-    validation read them: the run's token cache (rebuilt with the run's tokenizer if missing), split by elo.data.Corpus."""
-    from elo.data import Corpus, tokenize_files
+    validation read them: the run's token cache (rebuilt with the run's tokenizer if missing), split by elo.data.text.Corpus."""
+    from elo.data.text import Corpus, tokenize_files
 
     tokenizer = elo.load_tokenizer(plan["tokenizer"])
     out = {}
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
                          f"of {context} tokens")
     if benches and args.judge_url:
-        from elo.judge import check_reachable
+        from elo.evaluation.judge import check_reachable
 
         check_reachable(args.judge_url)
 
@@ -265,8 +265,8 @@ def run(args: argparse.Namespace) -> None:
             results["tasks"] |= scoring.evaluate_tasks(model, tokenizer, [name], args.data_dir, args.num_fewshot,
                                                        args.limit, args.batch_tokens, Progress(f"task {name}"))
     if benches:
-        from elo.generate import QUESTION_FILES, generate_answers
-        from elo.judge import judge_answers
+        from elo.evaluation.generate import QUESTION_FILES, generate_answers
+        from elo.evaluation.judge import judge_answers
 
         results["generation"] = {}
         for bench in benches:

@@ -4,8 +4,8 @@ Runs a recipe's stages (ELO -> align -> chat vector -> SFT -> evaluate, plus the
 baselines) through the same entry points as train.py, align.py, sft.py and evaluate.py, skipping finished stages and
 resuming interrupted ones, then writes report.md / report.json into the run directory. See elo/pipeline.py.
 """
-from elo.cli import run_main
-from elo.pipeline import main
+from elo.tools.cli import run_main
+from elo.pipeline.run import main
 
 if __name__ == "__main__":
     run_main(main)

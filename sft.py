@@ -3,7 +3,7 @@
 Optionally adds a chat vector first (--chat-vector-base B --chat-vector-instruct I), then fine-tunes on chat data with
 the loss on assistant turns only. See `python sft.py --help`.
 """
-from elo.cli import run_main
+from elo.tools.cli import run_main
 from elo.sft import main
 
 if __name__ == "__main__":

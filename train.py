@@ -3,7 +3,7 @@
 `--layers all` is full fine-tuning and `--lora-rank R` LoRA, the baselines, in the same loop. Plain `python train.py`
 runs one process. See `python train.py --help`.
 """
-from elo.cli import run_main
+from elo.tools.cli import run_main
 from elo.pretrain import main
 
 if __name__ == "__main__":

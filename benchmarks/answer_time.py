@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from elo.generate import QUESTION_FILES, generate_answers, read_records  # noqa: E402
+from elo.evaluation.generate import QUESTION_FILES, generate_answers, read_records  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 

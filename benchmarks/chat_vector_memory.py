@@ -42,7 +42,7 @@ def names_and_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
 def write_model(directory: Path, layers: int, seed: int) -> None:
     import transformers
 
-    from elo.checkpoint import write_shards
+    from elo.hf.checkpoint import write_shards
 
     directory.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)

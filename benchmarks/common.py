@@ -54,7 +54,7 @@ def synthetic_llama(directory, layers: int, hidden: int = 2048, inter: int = 563
     returns its size in bytes."""
     from pathlib import Path
 
-    from elo.checkpoint import write_config, write_shards
+    from elo.hf.checkpoint import write_config, write_shards
     from elo.config import ModelConfig
 
     directory = Path(directory)

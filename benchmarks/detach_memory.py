@@ -30,7 +30,7 @@ def build(directory: Path, size_gb: float) -> None:
 
 def worker(src: str, out: str, layers: str) -> dict:
     import elo
-    from elo.checkpoint import CheckpointReader
+    from elo.hf.checkpoint import CheckpointReader
 
     base_rss = peak_rss_bytes()
     read = [0]

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import load_pair, machine  # noqa: E402
-from elo.chat import render_chat  # noqa: E402
-from elo.generate import generate_batch, load_questions  # noqa: E402
+from elo.data.chat_templates import render_chat  # noqa: E402
+from elo.evaluation.generate import generate_batch, load_questions  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 

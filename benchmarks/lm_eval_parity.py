@@ -2,7 +2,7 @@
 metrics side by side (they must agree within 0.5 points) and log-likelihood requests per second.
 
 lm-eval runs its own task YAMLs, with the dataset pointed at the local files (`dataset_path: json`), through
-`simple_evaluate`; elo runs elo.tasks + elo.scoring. Both use the same converted default-model directory in fp32 on
+`simple_evaluate`; elo runs elo.evaluation.tasks + elo.evaluation.scoring. Both use the same converted default-model directory in fp32 on
 the same threads. Timed: for lm-eval, `HFLM.loglikelihood` (tokenization + model); for elo, `encode_pair` +
 `loglikelihoods`, the same work. Each task runs lm-eval then elo, `--repeats` times, and each side's fastest run
 counts, so that a load spike from other processes does not decide the ratio.
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from elo import scoring, tasks  # noqa: E402
-from elo.jsonl import read_jsonl  # noqa: E402
+from elo.evaluation import scoring, tasks  # noqa: E402
+from elo.tools.jsonl import read_jsonl  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 TOLERANCE_POINTS = 0.5

@@ -1,8 +1,8 @@
-"""The middle-layer surrogate (elo.middle) on a real model: fit time and memory for N tokens of the training mixture
+"""The middle-layer surrogate (elo.extensions.middle) on a real model: fit time and memory for N tokens of the training mixture
 next to an ELO step, held-out R² per gap, how closely the submodel tracks the full model with and without it (KL of
 the next-token distribution on later target text), and the held-out R² against the ridge.
 
-Each fit runs in its own process (so its peak memory is its own), fed by an elo.data.MixtureSampler as the trainer
+Each fit runs in its own process (so its peak memory is its own), fed by an elo.data.text.MixtureSampler as the trainer
 would feed it. The data are the first documents of each language's file (copied to a temp dir; the rest is unused).
 
     python benchmarks/middle_fit.py [--model smollm2-135m-instruct] [--layers 1,30] [--tokens 12000,50000]
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine, median, peak_rss_bytes, timed  # noqa: E402
-from elo.data import build_dataset, read_documents, text_windows  # noqa: E402
-from elo.flops import train_flops_per_token  # noqa: E402
+from elo.data.text import build_dataset, read_documents, text_windows  # noqa: E402
+from elo.train.flops import train_flops_per_token  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
 DOCS = {"ko": 400, "en": 80}  # ~1M Korean and ~40k English tokens for SmolLM2's tokenizer
@@ -47,7 +47,7 @@ def random_model(shape: str, directory: Path) -> str:
     """Save a random-weight fp32 model of `shape` (RANDOM) to `directory`, with the default model's tokenizer."""
     import transformers
 
-    from elo.checkpoint import copy_side_files
+    from elo.hf.checkpoint import copy_side_files
 
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**RANDOM[shape])).save_pretrained(directory)
@@ -96,9 +96,9 @@ def fit_child(a, n: int) -> dict:
 
 
 def ridge_child(a, n: int) -> dict:
-    """Held-out R² of each gap against the ridge, from one pass over the data (elo.middle's own accumulation and
+    """Held-out R² of each gap against the ridge, from one pass over the data (elo.extensions.middle's own accumulation and
     solver, so that one pass serves every value)."""
-    from elo.middle import accumulate
+    from elo.extensions.middle import accumulate
     from elo.surgery import parse_layers
 
     full = elo.load_model(a.model)

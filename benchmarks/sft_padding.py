@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
-import elo.chat_data as chat_data  # noqa: E402
+import elo.data.chat_data as chat_data  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 
 SFT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft"

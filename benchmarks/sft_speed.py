@@ -20,13 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from elo.chat_data import build_chat_source, pack  # noqa: E402
+from elo.data.chat_data import build_chat_source, pack  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft"
 
 
 def conversations(a) -> tuple[list, list, int]:
-    """The timed steps' conversations as elo batches (packed, as elo.chat_data draws them) and as
+    """The timed steps' conversations as elo batches (packed, as elo.data.chat_data draws them) and as
     (ids, trained) rows in stream order; plus their real token count (what a model reads, never padding)."""
     tok = elo.load_tokenizer(a.model)
     files = {"ko": [DATA / "ko_chatbot_data.jsonl"], "en": [DATA / "en_self_instruct_seed_tasks.jsonl",

@@ -2,8 +2,8 @@
 whole-model load every process used to do.
 
 A synthetic Llama-shaped checkpoint (random fp32 tensors, default ~4.4 GB, written shard by shard) is loaded by
-`elo.builders.materialize` under torchrun with 2 processes, each reading only its own rows of every tensor, then
-exported by `elo.builders.export`, which streams one gathered tensor at a time into output shards on rank 0.
+`elo.train.build.materialize` under torchrun with 2 processes, each reading only its own rows of every tensor, then
+exported by `elo.train.build.export`, which streams one gathered tensor at a time into output shards on rank 0.
 Each process reports the peak of its anonymous resident memory (RssAnon, sampled every 2 ms) above its value
 after start-up: mapped checkpoint pages are page cache, not memory the process holds.
 
@@ -52,8 +52,8 @@ class PeakAnon:
 
 
 def worker(directory: Path, out: Path) -> None:
-    from elo import distributed
-    from elo.builders import export, full_spec, materialize
+    from elo.train import distributed
+    from elo.train.build import export, full_spec, materialize
 
     d = distributed.init()
     peak = PeakAnon()

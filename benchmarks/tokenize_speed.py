@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from elo.data import read_documents, tokenize_files  # noqa: E402
+from elo.data.text import read_documents, tokenize_files  # noqa: E402
 
 PRETRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import elo  # noqa: E402
 from benchmarks.common import machine, median, peak_rss_bytes, timed  # noqa: E402
-from elo.flops import train_flops_per_token  # noqa: E402
-from elo import builders, distributed  # noqa: E402
+from elo.train.flops import train_flops_per_token  # noqa: E402
+from elo.train import build as builders, distributed  # noqa: E402
 from elo.surgery import parse_layers  # noqa: E402
 
 MODES = ("full", "lora", "frozen", "elo", "align")
@@ -54,7 +54,7 @@ def transformers_model(mode: str, a) -> torch.nn.Module:
     directory = elo.resolve(a.model)
     load = lambda **kw: transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                                           attn_implementation="sdpa", **kw)
-    ids = parse_layers(a.layers, elo.checkpoint.load_config(directory).num_hidden_layers)
+    ids = parse_layers(a.layers, elo.hf.checkpoint.load_config(directory).num_hidden_layers)
     if mode == "elo":  # the same 2-layer submodel, built the way one would in transformers
         full = load()
         config = full.config
@@ -127,7 +127,7 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(*a.worker, a)))
         return
-    a.vocab = elo.checkpoint.load_config(elo.resolve(a.model)).vocab_size
+    a.vocab = elo.hf.checkpoint.load_config(elo.resolve(a.model)).vocab_size
     print(f"machine: {machine()}")
     print(f"model {a.model}, layers {a.layers}, fp32, batch {a.batch_size} x seq {a.seq_len}, {a.steps} timed steps "
           f"after 1 warm-up, each run in its own process", flush=True)

@@ -1,9 +1,9 @@
 """elo: Efficient Layer-Specific Optimization (arXiv 2601.03648) for language adaptation of LLMs, in pure PyTorch."""
 from elo.chat_vector import add_chat_vector
-from elo.checkpoint import load_model, resolve, save_model
+from elo.hf.checkpoint import load_model, resolve, save_model
 from elo.config import ModelConfig
-from elo.layer_scores import LayerScores, layer_scores
-from elo.middle import MiddleSurrogate, attach_middle, fit_middle, load_middle, save_middle
+from elo.extensions.layer_scores import LayerScores, layer_scores
+from elo.extensions.middle import MiddleSurrogate, attach_middle, fit_middle, load_middle, save_middle
 from elo.model import Transformer
 from elo.surgery import detach, detach_checkpoint, load_detached, splice, splice_checkpoint
 
@@ -11,8 +11,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
-    """The model's tokenizer (see elo.tokenizer)."""
-    from elo.tokenizer import load_tokenizer as _load
+    """The model's tokenizer (see elo.hf.tokenizer)."""
+    from elo.hf.tokenizer import load_tokenizer as _load
 
     return _load(name_or_path)
 

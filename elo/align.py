@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elo.builders import LoRAOptions, check_context, full_spec, normalize_model, materialize, spliced_spec, train_only_layers
-from elo.checkpoint import load_config
-from elo.cli import option, parse_config
+from elo.train.build import LoRAOptions, check_context, full_spec, normalize_model, materialize, spliced_spec, train_only_layers
+from elo.hf.checkpoint import load_config
+from elo.tools.cli import option, parse_config
 from elo.pretrain import TextDataConfig
-from elo.trainer import LoopConfig, check_run_dir, run_stage, validation_loss
+from elo.train.loop import LoopConfig, check_run_dir, run_stage, validation_loss
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbB]?)\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
@@ -122,7 +122,7 @@ def continues_elo_stream(cfg: AlignConfig, run: dict | None) -> bool:
 
 def align(cfg: AlignConfig) -> Path:
     """Run (or resume) alignment; returns the directory of the aligned full model."""
-    from elo.tokenizer import load_tokenizer
+    from elo.hf.tokenizer import load_tokenizer
 
     elo, budget = plan(cfg)
     cfg.validate()
@@ -176,7 +176,7 @@ def align(cfg: AlignConfig) -> Path:
 
 
 def _digests(data: dict[str, list[str]]) -> dict[str, str]:
-    from elo.files import sha256_file
+    from elo.tools.files import sha256_file
 
     return {f: sha256_file(f) for files in data.values() for f in files}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from elo.checkpoint import CheckpointReader, copy_side_files, load_config, resolve, rewrite_checkpoint
-from elo.files import atomic_dir
+from elo.hf.checkpoint import CheckpointReader, copy_side_files, load_config, resolve, rewrite_checkpoint
+from elo.tools.files import atomic_dir
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")  # rows indexed by token id
 POLICIES = ("add", "skip")

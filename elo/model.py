@@ -205,7 +205,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
         # ELO submodel only: frozen maps standing in for the layers between detached ones, applied before the layer of
-        # the same key (elo.middle); they hold buffers, not parameters, so the HF state dict is unchanged
+        # the same key (elo.extensions.middle); they hold buffers, not parameters, so the HF state dict is unchanged
         self.middle: nn.ModuleDict | None = None
 
     @classmethod

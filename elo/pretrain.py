@@ -1,7 +1,7 @@
 """Stage 1, ELO pretraining (`train.py`), and the full fine-tuning and LoRA baselines, on the shared loop.
 
 The model part: the ELO submodel (`--layers 1,32`), the whole model (`--layers all`) or LoRA (`--lora-rank R`).
-The batch source: text windows of each language in a fixed mix (elo.data). Output: `--out/model`, for ELO the
+The batch source: text windows of each language in a fixed mix (elo.data.text). Output: `--out/model`, for ELO the
 2-layer submodel whose config records its base (ready for align.py or elo.splice_checkpoint), else a full HF model.
 """
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from elo import distributed
-from elo.builders import LoRAOptions, ModelSpec, check_context, elo_spec, full_spec, normalize_model
-from elo.cli import option, parse_config
-from elo.data import build_dataset, parse_data, parse_mix
-from elo.default_model import DEFAULT_MODEL
-from elo.run_dir import RunDir
-from elo.trainer import LoopConfig, check_run_dir, run_stage
+from elo.train import distributed
+from elo.train.build import LoRAOptions, ModelSpec, check_context, elo_spec, full_spec, normalize_model
+from elo.tools.cli import option, parse_config
+from elo.data.text import build_dataset, parse_data, parse_mix
+from elo.hf.default_model import DEFAULT_MODEL
+from elo.train.run_dir import RunDir
+from elo.train.loop import LoopConfig, check_run_dir, run_stage
 
 
 def data_specs(specs: list[str]) -> dict[str, list[str]]:
@@ -84,7 +84,7 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         self.validate_lora()
         self.auto_layers()
         if self.middle is not None:
-            from elo.middle import KINDS
+            from elo.extensions.middle import KINDS
 
             if self.middle not in KINDS:
                 raise ValueError(f"--middle {self.middle!r}: expected one of {', '.join(KINDS)}")
@@ -117,7 +117,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) pretraining; returns the directory of the trained model."""
-    from elo.tokenizer import load_tokenizer
+    from elo.hf.tokenizer import load_tokenizer
 
     cfg.validate()
     run = check_run_dir(cfg)
@@ -145,9 +145,9 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def suggest_layers(cfg: TrainConfig, tokenizer) -> tuple[str, dict]:
-    """`--layers auto:K`: the K layers `elo.layer_scores` suggests from the held-out text of the run's languages."""
-    from elo.checkpoint import load_model
-    from elo.layer_scores import layer_scores
+    """`--layers auto:K`: the K layers `elo.extensions.layer_scores` suggests from the held-out text of the run's languages."""
+    from elo.hf.checkpoint import load_model
+    from elo.extensions.layer_scores import layer_scores
 
     k = cfg.auto_layers()
     source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))
@@ -175,7 +175,7 @@ def check_middle(cfg: TrainConfig, spec: ModelSpec) -> None:
 def attach_fitted_middle(cfg: TrainConfig, layers: list[int], model, tokenizer, d: distributed.Dist) -> dict:
     """Fit the surrogate once (rank 0, on the first tokens of the training mix, kept in the run directory so a
     resumed run gets it bit for bit), then attach it to every process's submodel."""
-    from elo.middle import MIDDLE_NAME, attach_middle, fit_middle, load_middle, save_middle
+    from elo.extensions.middle import MIDDLE_NAME, attach_middle, fit_middle, load_middle, save_middle
 
     directory = Path(cfg.out) / "checkpoints"
     if d.main and not (directory / MIDDLE_NAME).is_file():

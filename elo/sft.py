@@ -1,7 +1,7 @@
 """Stage 3, bilingual instruction tuning (`sft.py`): optionally add a chat vector, then fine-tune on chat data
 (target language and English 1:1 by conversations) with the loss on assistant turns only, on the shared loop.
 
-The only difference from pretraining is the batch source (elo.chat_data: conversations rendered through the
+The only difference from pretraining is the batch source (elo.data.chat_data: conversations rendered through the
 model's chat template, untrained tokens with target -1, each micro-batch packed into one row whose
 conversations the model computes one by one); the model part is the full model (or LoRA).
 """
@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elo import distributed
-from elo.builders import LoRAOptions, check_context, full_spec, normalize_model
-from elo.cli import option, parse_config
-from elo.data import parse_mix
-from elo.files import MARKER
+from elo.train import distributed
+from elo.train.build import LoRAOptions, check_context, full_spec, normalize_model
+from elo.tools.cli import option, parse_config
+from elo.data.text import parse_mix
+from elo.tools.files import MARKER
 from elo.pretrain import data_specs
-from elo.trainer import LoopConfig, check_run_dir, run_stage
+from elo.train.loop import LoopConfig, check_run_dir, run_stage
 
 
 @dataclass(kw_only=True)
@@ -77,8 +77,8 @@ class SFTConfig(LoopConfig, LoRAOptions):
 
 def sft(cfg: SFTConfig) -> Path:
     """Run (or resume) SFT; returns the directory of the tuned chat model."""
-    from elo.chat_data import build_chat_source
-    from elo.tokenizer import load_tokenizer
+    from elo.data.chat_data import build_chat_source
+    from elo.hf.tokenizer import load_tokenizer
 
     cfg.validate()
     run = check_run_dir(cfg)

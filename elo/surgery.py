@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from elo.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config, memory_name, resolve,
+from elo.hf.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config, memory_name, resolve,
                             rewrite_checkpoint, write_config, write_shards)
 from elo.config import ModelConfig
-from elo.files import atomic_dir, check_output_dir
+from elo.tools.files import atomic_dir, check_output_dir
 from elo.model import Transformer
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

@@ -94,7 +94,7 @@ def killer(stage: str) -> str:
     train-state checkpoint is complete (for `python -c SOURCE ARGS...`)."""
     return f"""
 import os, signal, sys
-import elo.{stage}, elo.run_dir as r
+import elo.{stage}, elo.train.run_dir as r
 original = r.RunDir.save
 def save_then_die(*args, **kwargs):
     path = original(*args, **kwargs)

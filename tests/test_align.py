@@ -13,9 +13,9 @@ import torch
 
 import elo
 from elo.align import AlignConfig, align, parse_tokens
-from elo.cli import parse_config
-from elo.checkpoint import CheckpointReader, load_config, memory_name
-from elo.data import build_dataset
+from elo.tools.cli import parse_config
+from elo.hf.checkpoint import CheckpointReader, load_config, memory_name
+from elo.data.text import build_dataset
 from elo.pretrain import config_from_args, train
 from tests.conftest import DATA, killer, perturb_
 
@@ -196,7 +196,7 @@ def test_two_processes_match_one_and_sharded_loading_is_exact(env, elo_runs, tmp
     assert worst <= 1e-6, worst
     check = tmp_path / "check.py"
     check.write_text(
-        "import torch, elo\nfrom elo import distributed\nfrom elo.builders import full_spec, materialize\n"
+        "import torch, elo\nfrom elo import distributed\nfrom elo.train.build import full_spec, materialize\n"
         f"d = distributed.init()\nm = materialize(full_spec({str(env[2]['llama'])!r}), d)\n"
         f"full = elo.load_model({str(env[2]['llama'])!r})\nref = dict(full.named_parameters())\n"
         "for n, p in m.named_parameters():\n"
@@ -239,12 +239,12 @@ def test_bad_input_is_one_line_before_any_model_loads(env, elo_runs, tmp_path, m
     import re
 
     import elo.align as align_module
-    import elo.builders
-    from elo.cli import run_main
+    import elo.train.build
+    from elo.tools.cli import run_main
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(elo.builders, "materialize", refuse)
+    monkeypatch.setattr(elo.train.build, "materialize", refuse)
     monkeypatch.setattr(align_module, "materialize", refuse)
     out = tmp_path / "bad"
     with pytest.raises(SystemExit) as exit_info:

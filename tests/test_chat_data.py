@@ -1,4 +1,4 @@
-"""elo.chat_data: chat files, truncation, the assistant-only loss against transformers, isolation of rows, the
+"""elo.data.chat_data: chat files, truncation, the assistant-only loss against transformers, isolation of rows, the
 conversation mix, ranks and resume."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import elo
-from elo.chat import tokenize_chats
-from elo.chat_data import ChatSet, ChatSource, LENGTH_GROUP, build_chat_source, pack, read_chats
-from elo.tokenizer import load_tokenizer
+from elo.data.chat_templates import tokenize_chats
+from elo.data.chat_data import ChatSet, ChatSource, LENGTH_GROUP, build_chat_source, pack, read_chats
+from elo.hf.tokenizer import load_tokenizer
 
 
 def write_jsonl(path, records):

@@ -1,4 +1,4 @@
-"""SFT masks by construction (elo.chat.tokenize_chats), for every supported chat template: the ids equal
+"""SFT masks by construction (elo.data.chat_templates.tokenize_chats), for every supported chat template: the ids equal
 transformers' apply_chat_template(tokenize=True) on the same conversation, and the trained tokens decode to exactly
 the assistant contents, each followed by its end-of-turn token (headers, system and user turns untrained).
 
@@ -12,8 +12,8 @@ import shutil
 import pytest
 
 import elo
-from elo.chat import tokenize_chats
-from elo.tokenizer import load_tokenizer
+from elo.data.chat_templates import tokenize_chats
+from elo.hf.tokenizer import load_tokenizer
 from tests.test_chat import SYSTEM, TEMPLATES
 from tests.test_tokenizer import corpus, spm_dir  # noqa: F401 (fixtures)
 

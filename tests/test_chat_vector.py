@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import elo
-from elo.checkpoint import CheckpointReader
+from elo.hf.checkpoint import CheckpointReader
 from tests.conftest import hf_config, perturb_
 
 

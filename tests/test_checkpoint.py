@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import elo
-from elo.checkpoint import CheckpointReader, load_config
-from elo.files import MARKER
+from elo.hf.checkpoint import CheckpointReader, load_config
+from elo.tools.files import MARKER
 
 
 def tensors(directory: Path) -> dict[str, bytes]:
@@ -50,7 +50,7 @@ def test_save_is_atomic(tiny_llama, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("elo.checkpoint.write_config", crash)
+    monkeypatch.setattr("elo.hf.checkpoint.write_config", crash)
     with torch.no_grad():
         model.model.norm.weight.add_(1)
     with pytest.raises(OSError, match="disk full"):

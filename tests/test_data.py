@@ -1,4 +1,4 @@
-"""elo.data: reading, the token cache, train/validation windows, the language mix and the mixture sampler.
+"""elo.data.text: reading, the token cache, train/validation windows, the language mix and the mixture sampler.
 
 Unit tests use a byte-level fake tokenizer (token = UTF-8 byte + 1, EOS = 0) and synthetic token streams whose
 values identify their position, so that every drawn window can be traced back to where it came from."""
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from elo import data
-from elo.data import (Corpus, MixtureSampler, build_dataset, default_val_tokens, parse_data, parse_mix,
+from elo.data import text as data
+from elo.data.text import (Corpus, MixtureSampler, build_dataset, default_val_tokens, parse_data, parse_mix,
                       read_documents, resolve_mix, tokenize_files)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -412,12 +412,12 @@ def test_rank0_tokenizes_before_the_other_ranks(tmp_path, monkeypatch):
 
 
 def test_real_tokenizer_cache_matches_encode(tmp_path):
-    if importlib.util.find_spec("elo.tokenizer") is None:
-        pytest.skip("elo.tokenizer not written yet")
+    if importlib.util.find_spec("elo.hf.tokenizer") is None:
+        pytest.skip("elo.hf.tokenizer not written yet")
     if not (DATA / "pretrain").is_dir():
         pytest.skip("shared/data/pretrain not present")
-    from elo.default_model import DEFAULT_MODEL
-    from elo.tokenizer import load_tokenizer
+    from elo.hf.default_model import DEFAULT_MODEL
+    from elo.hf.tokenizer import load_tokenizer
 
     try:
         tok = load_tokenizer(DEFAULT_MODEL)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from elo import default_model as dm
+from elo.hf import default_model as dm
 from elo.config import ModelConfig
-from elo.files import MARKER
+from elo.tools.files import MARKER
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

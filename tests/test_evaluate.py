@@ -10,8 +10,8 @@ import pytest
 
 import elo
 import evaluate
-from elo import scoring
-from elo.cli import run_main
+from elo.evaluation import scoring
+from elo.tools.cli import run_main
 from tests.conftest import DATA
 
 EVAL = DATA / "eval"
@@ -58,7 +58,7 @@ def test_results_file_holds_the_library_scores(tiny_with_tokenizer, ppl_files, t
 
 
 def cli(argv: list[str]) -> None:
-    """evaluate.py as the command line runs it (elo.cli.run_main around main)."""
+    """evaluate.py as the command line runs it (elo.tools.cli.run_main around main)."""
     run_main(evaluate.main, argv)
 
 

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import elo
-from elo.flops import train_flops_per_token
+from elo.train.flops import train_flops_per_token
 from elo.lora import add_lora
 
 SEQ = 24

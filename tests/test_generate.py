@@ -1,4 +1,4 @@
-"""elo.generate: KV-cache decoding equals full recomputation; stopping, limits, sampling; benchmark answer files."""
+"""elo.evaluation.generate: KV-cache decoding equals full recomputation; stopping, limits, sampling; benchmark answer files."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import elo.generate as gen
+import elo.evaluation.generate as gen
 from elo.config import ModelConfig
-from elo.generate import (chat_stop_ids, generate, generate_answers, generate_batch, load_questions,
+from elo.evaluation.generate import (chat_stop_ids, generate, generate_answers, generate_batch, load_questions,
                           read_records)
 from elo.model import Transformer
 
@@ -73,10 +73,10 @@ def test_kv_cache_matches_full_recompute(arch, monkeypatch):
 
 @pytest.mark.slow
 def test_kv_cache_matches_full_recompute_on_the_default_model():
-    from elo.chat import render_chat
-    from elo.checkpoint import load_model
-    from elo.default_model import DEFAULT_MODEL
-    from elo.tokenizer import load_tokenizer
+    from elo.data.chat_templates import render_chat
+    from elo.hf.checkpoint import load_model
+    from elo.hf.default_model import DEFAULT_MODEL
+    from elo.hf.tokenizer import load_tokenizer
 
     try:
         model, tokenizer = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
@@ -140,10 +140,10 @@ def test_sampling_is_seeded_per_row_whatever_the_batch_holds():
 def test_batched_greedy_on_the_default_model_equals_transformers_generate():
     from transformers import AutoModelForCausalLM
 
-    from elo.chat import render_chat
-    from elo.checkpoint import load_model, resolve
-    from elo.default_model import DEFAULT_MODEL
-    from elo.tokenizer import load_tokenizer
+    from elo.data.chat_templates import render_chat
+    from elo.hf.checkpoint import load_model, resolve
+    from elo.hf.default_model import DEFAULT_MODEL
+    from elo.hf.tokenizer import load_tokenizer
 
     try:
         directory = resolve(DEFAULT_MODEL)
@@ -210,7 +210,7 @@ def test_sampling():
 
 
 class ByteTokenizer:
-    """Bytes plus ChatML special tokens, with SmolLM2's chat template: enough of elo.tokenizer for chat decoding."""
+    """Bytes plus ChatML special tokens, with SmolLM2's chat template: enough of elo.hf.tokenizer for chat decoding."""
 
     chat_template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
                      "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -1,4 +1,4 @@
-"""elo.judge against a small OpenAI-compatible server started in the test (http.server on 127.0.0.1)."""
+"""elo.evaluation.judge against a small OpenAI-compatible server started in the test (http.server on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from elo.judge import endpoint, judge_answers, parse_rating
+from elo.evaluation.judge import endpoint, judge_answers, parse_rating
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 needs_data = pytest.mark.skipif(not EVAL.is_dir(), reason="shared/data/eval not found beside the repo")
@@ -67,7 +67,7 @@ def environment(monkeypatch):
 
 
 def questions(bench: str) -> list[dict]:
-    from elo.generate import load_questions
+    from elo.evaluation.generate import load_questions
 
     return load_questions(bench, EVAL)
 
@@ -279,10 +279,10 @@ def closed_port() -> int:
 @needs_data
 def test_refused_connection_is_not_retried(tmp_path, monkeypatch):
     """Nothing listens on the port: waiting will not start a server, so no backoff (it used to cost 189 s)."""
-    import elo.judge
+    import elo.evaluation.judge
 
     slept = []
-    monkeypatch.setattr(elo.judge.time, "sleep", slept.append)
+    monkeypatch.setattr(elo.evaluation.judge.time, "sleep", slept.append)
     answers = write_answers(tmp_path / "answers.jsonl", "mt_bench", ids=[81, 82])
     summary = judge_answers(answers, "mt_bench", EVAL, f"http://127.0.0.1:{closed_port()}", "judge-1",
                             api_key_env="TEST_JUDGE_KEY")  # the default retries and backoff
@@ -290,7 +290,7 @@ def test_refused_connection_is_not_retried(tmp_path, monkeypatch):
 
 
 def test_check_reachable(judge):
-    from elo.judge import check_reachable
+    from elo.evaluation.judge import check_reachable
 
     check_reachable(judge.url + "/v1")
     with pytest.raises(ValueError, match=r"judge at http://127.0.0.1:\d+/v1 is unreachable \(Connection refused\)"):
@@ -300,7 +300,7 @@ def test_check_reachable(judge):
 
 
 def test_check_reachable_goes_through_the_proxy_urllib_uses(judge, monkeypatch):
-    from elo.judge import check_reachable
+    from elo.evaluation.judge import check_reachable
 
     for name in ("NO_PROXY", "no_proxy", "http_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -315,7 +315,7 @@ def test_check_reachable_goes_through_the_proxy_urllib_uses(judge, monkeypatch):
 @pytest.mark.filterwarnings("ignore:prompt of:UserWarning")
 def test_evaluate_generation_without_judge_and_with_a_failing_one(judge, tiny_with_tokenizer, tmp_path, capsys):
     import evaluate
-    from elo.cli import run_main
+    from elo.tools.cli import run_main
 
     out = tmp_path / "results.json"
     argv = ["--model", str(tiny_with_tokenizer), "--generate", "logickor", "--max-new-tokens", "2", "--data-dir",

@@ -1,4 +1,4 @@
-"""The middle-layer surrogate (elo.middle): the streamed ridge fit against an exactly linear middle and a one-shot
+"""The middle-layer surrogate (elo.extensions.middle): the streamed ridge fit against an exactly linear middle and a one-shot
 lstsq, its file beside a submodel's HF files, and on the default model a closer match to the full model."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import elo
-from elo.data import Batch
-from elo.hidden import layer_states
-from elo.middle import MIDDLE_NAME
+from elo.data.text import Batch
+from elo.extensions.hidden import layer_states
+from elo.extensions.middle import MIDDLE_NAME
 from tests.conftest import DATA
 
 
@@ -72,7 +72,7 @@ def test_hidden_states_stop_below_the_upper_layer(tiny_llama):
 
 
 def test_streamed_fit_equals_one_shot_lstsq(tiny_llama):
-    """Moments accumulated over 5 batches (elo.data.Batch, as a sampler gives them) solve to what torch.linalg.lstsq
+    """Moments accumulated over 5 batches (elo.data.text.Batch, as a sampler gives them) solve to what torch.linalg.lstsq
     gets on all rows at once, with the ridge as extra rows sqrt(λ) I (bias unpenalised); R² on the held-out rows."""
     model = elo.load_model(tiny_llama[0])
     d, ridge, tokens, held_out = model.config.hidden_size, 0.05, 300, 50
@@ -99,7 +99,7 @@ def test_streamed_fit_equals_one_shot_lstsq(tiny_llama):
 
 
 def test_texts_and_batches_fit_alike(tiny_with_tokenizer):
-    from elo.data import read_documents, text_windows
+    from elo.data.text import read_documents, text_windows
 
     model, tok = elo.load_model(tiny_with_tokenizer), elo.load_tokenizer(tiny_with_tokenizer)
     texts = [t[:400] for t in itertools.islice(read_documents(DATA / "pretrain" / "ko_wikipedia.jsonl"), 3)]
@@ -180,7 +180,7 @@ def test_surrogate_file_round_trip_and_transformers_ignores_it(tiny_llama, tmp_p
 
 
 def test_flops_count_the_surrogate(tiny_llama):
-    from elo.flops import train_flops_per_token
+    from elo.train.flops import train_flops_per_token
 
     sub = elo.load_detached(tiny_llama[0], [1, 4])
     sub.requires_grad_(False)
@@ -195,7 +195,7 @@ def test_flops_count_the_surrogate(tiny_llama):
 def test_default_model_surrogate_is_closer_to_the_full_model():
     """SmolLM2-135M, layers (1, 30), fitted on 2.5k tokens of Korean Wikipedia: on later Korean text the submodel with
     the surrogate has a lower KL(full || submodel) of the next-token distribution than the plain submodel."""
-    from elo.data import read_documents, text_windows
+    from elo.data.text import read_documents, text_windows
 
     full, tok = elo.load_model(elo.DEFAULT_MODEL), elo.load_tokenizer(elo.DEFAULT_MODEL)
     docs = read_documents(DATA / "pretrain" / "ko_wikipedia.jsonl")

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from elo import pipeline, scoring
-from elo.cli import run_main
-from elo.data import Corpus, tokenize_files
-from elo.report import write_report
+from elo.pipeline import run as pipeline
+from elo.evaluation import scoring
+from elo.tools.cli import run_main
+from elo.data.text import Corpus, tokenize_files
+from elo.pipeline.report import write_report
 from tests.conftest import DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,9 +172,9 @@ def test_report_without_matplotlib(finished, recipe, tmp_path, monkeypatch):
 
 KILLER = """
 import os, signal, sys
-from elo import run_dir
-from elo.cli import run_main
-from elo.pipeline import main
+from elo.train import run_dir
+from elo.tools.cli import run_main
+from elo.pipeline.run import main
 
 log = run_dir.RunDir.log
 def log_then_die(self, record):  # SIGKILL mid-stage: train step 5 logged, its newest checkpoint is step 4

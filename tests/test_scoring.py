@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import elo
-from elo import scoring
-from elo.scoring import encode_pair, loglikelihoods, perplexity, rolling_windows
+from elo.evaluation import scoring
+from elo.evaluation.scoring import encode_pair, loglikelihoods, perplexity, rolling_windows
 from tests.conftest import DATA
 
 LL_TOL = 1e-4
@@ -135,7 +135,7 @@ def test_encode_pair_moves_trailing_space():
 
 def test_evaluate_tasks_assigns_scores_to_their_documents(tiny_llama):
     """All tasks scored in one pass give what scoring each document's choices on its own gives."""
-    from elo import tasks
+    from elo.evaluation import tasks
 
     if not (DATA / "eval").is_dir():
         pytest.skip(f"shared data not found under {DATA}")

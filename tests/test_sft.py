@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from elo.checkpoint import CheckpointReader
-from elo.cli import run_main
+from elo.hf.checkpoint import CheckpointReader
+from elo.tools.cli import run_main
 from elo.sft import main
 from tests.conftest import DATA, killer
 
@@ -86,7 +86,7 @@ def test_chat_vector_then_epochs(chats, tmp_path, monkeypatch):
     import shutil
 
     from elo.sft import SFTConfig, sft
-    from elo.cli import parse_config
+    from elo.tools.cli import parse_config
 
     _, _, model = chats
     base = tmp_path / "base"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import elo
-from elo.checkpoint import CheckpointReader
-from elo.files import MARKER
+from elo.hf.checkpoint import CheckpointReader
+from elo.tools.files import MARKER
 from tests.test_checkpoint import tensors
 
 

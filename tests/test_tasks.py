@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from elo import tasks
-from elo.scoring import encode_pair
-from elo.tasks import TASKS, build_instances, compute_metrics
+from elo.evaluation import tasks
+from elo.evaluation.scoring import encode_pair
+from elo.evaluation.tasks import TASKS, build_instances, compute_metrics
 from tests.conftest import DATA
 
 EVAL = DATA / "eval"

@@ -1,4 +1,4 @@
-"""elo.tokenizer against Hugging Face `tokenizers`: token ids must be equal, exactly, on real text and edge cases.
+"""elo.hf.tokenizer against Hugging Face `tokenizers`: token ids must be equal, exactly, on real text and edge cases.
 
 References: the real SmolLM2-135M-Instruct tokenizer (read from its GGUF by transformers) and variants of it with the
 Qwen2 pre-tokenizer + NFC and with SmolLM2's original Digits pre-tokenizer; a sentencepiece BPE trained here; a
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from elo.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, load_tokenizer
+from elo.hf.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -333,7 +333,7 @@ def test_merge_tiktoken_would_not_take_error(smollm2_dir, tmp_path):
 
 def test_name_resolved_through_checkpoint(spm_dir, monkeypatch):
     directory, _ = spm_dir
-    fake = types.ModuleType("elo.checkpoint")
+    fake = types.ModuleType("elo.hf.checkpoint")
     fake.resolve = lambda name: directory if name == "some-model" else None
-    monkeypatch.setitem(sys.modules, "elo.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "elo.hf.checkpoint", fake)
     assert load_tokenizer("some-model").digest == load_tokenizer(directory).digest

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import elo
-from elo.checkpoint import CheckpointReader
+from elo.hf.checkpoint import CheckpointReader
 from elo.pretrain import TrainConfig, config_from_args, train
-from elo.trainer import lr_at
+from elo.train.loop import lr_at
 from tests.conftest import DATA, killer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_two_processes_match_one_and_only_chosen_layers_change(run_env, tmp_path
         sub = CheckpointReader(out / "model")
         assert json.loads((out / "model" / "config.json").read_text())["elo"]["layers"] == [1, 4]
         for name in sub.keys():
-            mem = elo.checkpoint.memory_name(name, elo.checkpoint.load_config(out / "model"))
+            mem = elo.hf.checkpoint.memory_name(name, elo.hf.checkpoint.load_config(out / "model"))
             same = torch.equal(sub.get(name), base.get(mem))
             assert same == (not name.startswith("model.layers.")), name
     a, b = CheckpointReader(one / "model"), CheckpointReader(two / "model")
@@ -199,7 +199,7 @@ def test_layer_wrappers_give_the_same_losses(run_env, tmp_path, monkeypatch, fla
 
 DIE_AT = """
 import os, signal, sys
-import elo.pretrain, elo.run_dir as r
+import elo.pretrain, elo.train.run_dir as r
 import torch.distributed.checkpoint as dcp
 point, at = sys.argv[1], int(sys.argv[2])
 def die():
@@ -297,7 +297,7 @@ def test_resume_of_a_finished_run_does_nothing(run_env, uninterrupted):
 def test_nan_weight_stops_the_run_naming_the_step(run_env, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file
 
-    from elo.cli import run_main
+    from elo.tools.cli import run_main
     from elo.pretrain import main
 
     root, _, env = run_env
@@ -338,7 +338,7 @@ def test_grad_clip_zero_means_no_clipping(run_env, tmp_path, monkeypatch):
     ("--max-steps", "three"),
 ])
 def test_bad_option_values_are_one_line_errors_leaving_nothing(run_env, tmp_path, monkeypatch, capsys, option, value):
-    from elo.cli import run_main
+    from elo.tools.cli import run_main
     from elo.pretrain import main
 
     monkeypatch.setenv("ELO_CACHE", run_env[2]["ELO_CACHE"])
@@ -357,7 +357,7 @@ def test_bad_option_values_are_one_line_errors_leaving_nothing(run_env, tmp_path
 def test_middle_surrogate_trains_resumes_bit_exact_and_ships_with_the_submodel(run_env, tmp_path):
     import transformers
 
-    from elo.middle import MIDDLE_NAME, load_middle
+    from elo.extensions.middle import MIDDLE_NAME, load_middle
 
     _, _, env = run_env
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -379,7 +379,7 @@ def test_middle_surrogate_trains_resumes_bit_exact_and_ships_with_the_submodel(r
 
 
 def test_middle_bad_input(run_env, tmp_path, monkeypatch, capsys):
-    from elo.cli import run_main
+    from elo.tools.cli import run_main
     from elo.pretrain import main
 
     monkeypatch.setenv("ELO_CACHE", run_env[2]["ELO_CACHE"])

@@ -17,10 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 import elo  # noqa: E402
-from elo.chat import render_chat  # noqa: E402
-from elo.cli import parse_config  # noqa: E402
-from elo.files import atomic_write_text  # noqa: E402
-from elo.generate import chat_stop_ids, generate_batch, load_questions  # noqa: E402
+from elo.data.chat_templates import render_chat  # noqa: E402
+from elo.tools.cli import parse_config  # noqa: E402
+from elo.tools.files import atomic_write_text  # noqa: E402
+from elo.evaluation.generate import chat_stop_ids, generate_batch, load_questions  # noqa: E402
 from elo.sft import SFTConfig, sft  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"

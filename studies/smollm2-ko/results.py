@@ -265,7 +265,7 @@ def write(results: dict[str, dict], out: Path) -> str:
     auto = R("layers-auto")
     if auto and auto.get("layer_scores"):
         s = auto["layer_scores"]
-        p(f"`--layers auto:2` chose layers {s['suggested']} from `elo.layer_scores` on the validation text "
+        p(f"`--layers auto:2` chose layers {s['suggested']} from `elo.extensions.layer_scores` on the validation text "
           f"(its scores are in `results/layers-auto.json`).")
         p()
 

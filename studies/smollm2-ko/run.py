@@ -35,8 +35,8 @@ REPO = HERE.parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
-from elo.files import atomic_write_text  # noqa: E402
-from elo.jsonl import read_jsonl  # noqa: E402
+from elo.tools.files import atomic_write_text  # noqa: E402
+from elo.tools.jsonl import read_jsonl  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KOBEST = "kobest_boolq,kobest_copa,kobest_hellaswag,kobest_sentineg,kobest_wic"

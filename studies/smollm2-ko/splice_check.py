@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from elo.align import AlignConfig, align  # noqa: E402
-from elo.cli import parse_config  # noqa: E402
-from elo.files import atomic_write_text  # noqa: E402
+from elo.tools.cli import parse_config  # noqa: E402
+from elo.tools.files import atomic_write_text  # noqa: E402
 from elo.pretrain import config_from_args, train  # noqa: E402
 
 D = REPO.parent / "shared" / "data" / "pretrain"

@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from elo.config import ModelConfig
-from elo.files import atomic_dir, check_output_dir
+from elo.tools.files import atomic_dir, check_output_dir
 from elo.model import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-MIDDLE_NAME = "middle.safetensors"  # an ELO submodel's middle-layer surrogate (elo.middle), which transformers ignores
+MIDDLE_NAME = "middle.safetensors"  # an ELO submodel's middle-layer surrogate (elo.extensions.middle), which transformers ignores
 # files copied along with the weights so that the output directory is a complete HF model
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja", "original/tokenizer.model")
@@ -36,7 +36,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """Local directory of a model: the offline default model's name, a local directory, or a hub id."""
-    from elo.default_model import DEFAULT_MODEL, default_model_dir
+    from elo.hf.default_model import DEFAULT_MODEL, default_model_dir
 
     name = str(name_or_path)
     if name == DEFAULT_MODEL:
@@ -163,7 +163,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", dtype:
     model = Transformer.from_state_dict(config, state)
     model.name_or_path = str(name_or_path)
     if (directory / MIDDLE_NAME).is_file():
-        from elo.middle import attach_middle, load_middle  # elo.middle builds on this module
+        from elo.extensions.middle import attach_middle, load_middle  # elo.extensions.middle builds on this module
 
         attach_middle(model, load_middle(directory, device))
     return model
@@ -267,7 +267,7 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
                tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Write `model` as an HF checkpoint (config, safetensors shards, tokenizer files from its source, and an ELO
     submodel's middle-layer surrogate as `middle.safetensors`), atomically.
-    A destination that is a file, or a non-empty directory elo did not write, is refused (see elo.files)."""
+    A destination that is a file, or a non-empty directory elo did not write, is refused (see elo.tools.files)."""
     check_output_dir(out_dir, "model directory")
     config = model.config
     state = model.state_dict()
@@ -283,7 +283,7 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
         write_config(config, dtype, tmp)
         copy_side_files(source_dir, tmp)
         if model.middle is not None:
-            from elo.middle import save_middle
+            from elo.extensions.middle import save_middle
 
             save_middle(model.middle, tmp)
 

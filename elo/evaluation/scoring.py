@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from elo import tasks as task_defs
+from elo.evaluation import tasks as task_defs
 from elo.model import Transformer
-from elo.tokenizer import Tokenizer
+from elo.hf.tokenizer import Tokenizer
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 Progress = Callable[[int, int], None]  # called with (requests done, total) after each batch

@@ -1,7 +1,7 @@
 """SFT data: chat conversations rendered with the model's chat template, trained on the assistant's tokens only, and
 drawn as a deterministic, resumable, rank-sharded mix of languages in exact conversation proportions.
 
-The training loop uses it exactly as it uses elo.data's pretraining sampler:
+The training loop uses it exactly as it uses elo.data.text's pretraining sampler:
 
     source, info = build_chat_source({"ko": [...], "en": [...]}, tokenizer, seq_len, mix, seed, rank, world_size)
     batch = source.next_batch(micro_batch_size)  # Batch(inputs [B, T], targets [B, T] (-1: not trained), langs)
@@ -24,9 +24,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from elo.chat import Message, tokenize_chats
-from elo.data import Batch, LanguageMix, epoch_order, resolve_mix
-from elo.jsonl import read_jsonl
+from elo.data.chat_templates import Message, tokenize_chats
+from elo.data.text import Batch, LanguageMix, epoch_order, resolve_mix
+from elo.tools.jsonl import read_jsonl
 
 # file form -> (turns key, role key, content key, role names -> chat roles)
 FORMS = {
@@ -173,7 +173,7 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], langs: list[str]) -> Bat
 class ChatSource(LanguageMix):
     """An endless global stream of training conversations shared by all ranks, defined by (data, mix, seed) alone.
 
-    Language schedule: elo.data's earliest-deadline rule over conversations, so after every prefix of n
+    Language schedule: elo.data.text's earliest-deadline rule over conversations, so after every prefix of n
     conversations each language has within one conversation of n * share. Within a language: epoch e visits every
     training conversation once, in a permutation seeded by (seed, lang, e), taken in groups of LENGTH_GROUP that are
     each sorted by length, so that consecutive draws have similar lengths (micro-batches are packed, so this no
@@ -240,7 +240,7 @@ def build_chat_source(paths_by_lang: dict[str, list[str | os.PathLike]], tokeniz
     """Read, validate and tokenize each language's chat files with the tokenizer's chat template, hold out
     validation conversations, and return this rank's source plus per-language counts (rank 0 prints them).
 
-    `mix` gives relative conversation shares (elo.data.parse_mix syntax); None mixes the languages equally (the
+    `mix` gives relative conversation shares (elo.data.text.parse_mix syntax); None mixes the languages equally (the
     paper's 1:1 target:English for SFT). `val_conversations` per language defaults to
     `default_val_conversations`; the held-out set depends on the data alone, not on the seed."""
     if not paths_by_lang:

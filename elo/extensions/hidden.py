@@ -15,11 +15,11 @@ class _Done(Exception):
 
 
 def input_ids(batch) -> Tensor:
-    """The token ids of a batch: a LongTensor (batch, seq), or an object holding one as `.inputs` (elo.data.Batch)."""
+    """The token ids of a batch: a LongTensor (batch, seq), or an object holding one as `.inputs` (elo.data.text.Batch)."""
     ids = getattr(batch, "inputs", batch)
     if not isinstance(ids, Tensor) or ids.dtype != torch.long or ids.ndim != 2:
         what = f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(f"expected token id batches (LongTensor [batch, seq] or elo.data.Batch); got {what}")
+        raise ValueError(f"expected token id batches (LongTensor [batch, seq] or elo.data.text.Batch); got {what}")
     return ids
 
 

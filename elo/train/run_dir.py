@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from elo import distributed
-from elo.files import MARKER, atomic_write_text, fsync_dir, fsync_tree
+from elo.train import distributed
+from elo.tools.files import MARKER, atomic_write_text, fsync_dir, fsync_tree
 
 CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.jsonl"

@@ -12,7 +12,7 @@ for several), so the printed line reproduces it exactly. Each stage writes into 
     chat_vector/model/              align's model + ratio * (instruct - base) (command.json: how it was made)
     eval/<model>.json               evaluate.py's results for the base model and each stage's output
                                     (<model>.command.json: its arguments; other arguments evaluate again)
-    report.md, report.json, *.png   elo.report
+    report.md, report.json, *.png   elo.pipeline.report
 
 A stage whose model is complete is skipped (after checking that it ran with the recipe's arguments); one that was
 interrupted reruns with --resume; `--from STAGE` removes the outputs of STAGE and every later stage and runs them
@@ -41,11 +41,11 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setu
     import tomli as tomllib
 
 from elo.align import AlignConfig
-from elo.cli import base_type, parse_config
-from elo.default_model import DEFAULT_MODEL
-from elo.files import MARKER, atomic_write_text
+from elo.tools.cli import base_type, parse_config
+from elo.hf.default_model import DEFAULT_MODEL
+from elo.tools.files import MARKER, atomic_write_text
 from elo.pretrain import TrainConfig
-from elo.run_dir import CONFIG_NAME, RunDir
+from elo.train.run_dir import CONFIG_NAME, RunDir
 from elo.sft import SFTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,7 +423,7 @@ def stage_config(p: Plan, stage: Stage):
     work (model files only when local: a hub id is not downloaded)."""
     from elo.align import parse_tokens
     from elo.align import plan as align_plan
-    from elo.builders import check_context
+    from elo.train.build import check_context
 
     cfg = parse_config(CONFIGS[stage.name], stage.argv, stage.name)
     if stage.name == "align":
@@ -481,7 +481,7 @@ def _evaluate_module():
 
 
 def _check_evaluate(argv: list[str]) -> None:
-    from elo import tasks
+    from elo.evaluation import tasks
 
     ev = _evaluate_module()
     args = ev.parse_args(argv)
@@ -593,7 +593,7 @@ def dry_run(p: Plan) -> None:
 
 def run(p: Plan, start: str | None = None) -> Path:
     """Run every stage in order (skipping finished ones, resuming interrupted ones), then write the report."""
-    from elo.report import write_report
+    from elo.pipeline.report import write_report
 
     check_out(p.out)
     names = list(p.stages)
@@ -651,7 +651,7 @@ def run(p: Plan, start: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from elo.cli import ArgumentParser
+    from elo.tools.cli import ArgumentParser
 
     parser = ArgumentParser(description="Run a recipe: ELO -> align -> chat vector -> SFT -> evaluate (+ baselines), "
                                         "then write report.md / report.json into the run directory.")

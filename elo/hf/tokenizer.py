@@ -205,14 +205,14 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
-    """Tokenizer of a local HF model directory, a tokenizer file, or a name `elo.checkpoint.resolve` knows.
+    """Tokenizer of a local HF model directory, a tokenizer file, or a name `elo.hf.checkpoint.resolve` knows.
 
     In a directory: tokenizer.json (preferred), else tokenizer.model, else original/tokenizer.model. A tokenizer.model
     is a Llama 3 tiktoken file if it is text ("base64-token rank" lines), else a sentencepiece model.
     """
     path = Path(name_or_path)
     if not path.exists():
-        from elo.checkpoint import resolve  # lazy: the checkpoint module pulls in the model stack
+        from elo.hf.checkpoint import resolve  # lazy: the checkpoint module pulls in the model stack
 
         path = resolve(name_or_path)
     if path.is_dir():

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from elo.files import atomic_file, cache_root, sha256_file
+from elo.tools.files import atomic_file, cache_root, sha256_file
 
 _CHUNK_CHARS = 1 << 20  # characters handed to encode_batch at a time: big enough for its threads, small in memory
 _MAX_VAL_SEQUENCES = 64
@@ -38,7 +38,7 @@ _HEADER = struct.Struct("<8sQ")
 
 
 class TextTokenizer(Protocol):
-    """What the pipeline needs from a tokenizer (elo.tokenizer.Tokenizer has it)."""
+    """What the pipeline needs from a tokenizer (elo.hf.tokenizer.Tokenizer has it)."""
 
     eos_id: int | None
     vocab_size: int
@@ -223,7 +223,7 @@ def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray | None:
 
 def text_windows(texts: Iterable[str], tokenizer: TextTokenizer, seq_len: int) -> Iterator[torch.Tensor]:
     """`texts` as one token stream (EOS after each text), cut into [1, seq_len] id batches, the last one shorter:
-    for passes that read hidden states (elo.fit_middle, elo.layer_scores). Tokenizes lazily, text by text."""
+    for passes that read hidden states (elo.fit_middle, elo.extensions.layer_scores). Tokenizes lazily, text by text."""
     if isinstance(texts, str):
         raise ValueError("texts is a single string; expected a list of texts")
     if seq_len < 1:
@@ -336,7 +336,7 @@ def resolve_mix(mix: dict[str, float] | None, langs: Iterable[str]) -> dict[str,
     return dict(mix)
 
 
-# ---- the language schedule (shared with elo.chat_data) ----
+# ---- the language schedule (shared with elo.data.chat_data) ----
 
 def integer_weights(mix: dict[str, float]) -> dict[str, int]:
     """Exact integer weights proportional to `mix`, so that a schedule is free of rounding and identical on every

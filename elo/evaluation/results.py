@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from elo import tasks
+from elo.evaluation import tasks
 
 KOBEST = [t for t in tasks.TASKS if t.startswith("kobest_")]
 # Table 1 columns: (label, section of the results file, entry, metric); KoBEST is reported as macro F1

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from elo.files import atomic_file, atomic_write_text
-from elo.run_dir import RunDir
+from elo.tools.files import atomic_file, atomic_write_text
+from elo.train.run_dir import RunDir
 
 
 def machine() -> dict:

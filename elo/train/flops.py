@@ -1,10 +1,10 @@
-"""Analytic training FLOPs per token (the numerator of MFU; the peak is in elo.metrics).
+"""Analytic training FLOPs per token (the numerator of MFU; the peak is in elo.train.metrics).
 
 Counted per token: 2 FLOPs per multiply-add of every matrix multiply in the forward pass (linears and causal
 attention); in the backward pass 2 more for an input gradient where something upstream trains, and 2 more for a
 weight gradient where the weight trains. So full fine-tuning costs 6 per weight, a frozen layer above a trained one 4,
 a frozen layer below every trained one 2 (forward only), and ELO's two layers plus the frozen head
-(6 * layers + 4 * head) instead of 6 * everything. A middle-layer surrogate (elo.middle) counts as a frozen d x d
+(6 * layers + 4 * head) instead of 6 * everything. A middle-layer surrogate (elo.extensions.middle) counts as a frozen d x d
 linear: 4 per weight above a trained layer.
 """
 from __future__ import annotations

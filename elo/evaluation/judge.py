@@ -29,8 +29,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from elo.generate import append_record, load_questions, read_records
-from elo.jsonl import read_jsonl
+from elo.evaluation.generate import append_record, load_questions, read_records
+from elo.tools.jsonl import read_jsonl
 
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding")  # FastChat's NEED_REF_CATS
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")  # FastChat's one_score_pattern

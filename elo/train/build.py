@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from elo import distributed
-from elo.checkpoint import CheckpointReader, disk_name, load_config, resolve
-from elo.cli import option
+from elo.train import distributed
+from elo.hf.checkpoint import CheckpointReader, disk_name, load_config, resolve
+from elo.tools.cli import option
 from elo.config import ModelConfig
-from elo.files import atomic_dir
+from elo.tools.files import atomic_dir
 from elo.lora import LoRALinear, add_lora
 from elo.model import Transformer, rope_inv_freq
 from elo.surgery import _check_base, _detached, fingerprint, parse_layers
@@ -214,7 +214,7 @@ def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float
     """Write the trained model as an HF checkpoint (LoRA merged), streaming one gathered tensor at a time to the
     main process, which writes it straight into its output shard: no process holds more than its own shards and
     one full tensor. `extra(tmp)` adds files (e.g. provenance)."""
-    from elo.checkpoint import copy_side_files, write_config, write_shards
+    from elo.hf.checkpoint import copy_side_files, write_config, write_shards
 
     config = model.config
     dtype = model.model.embed_tokens.weight.dtype
@@ -246,7 +246,7 @@ def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float
         write_config(config, dtype, tmp)
         copy_side_files(resolve(model.name_or_path), tmp)
         if model.middle is not None:  # an ELO submodel's surrogate travels with it (transformers ignores the file)
-            from elo.middle import save_middle
+            from elo.extensions.middle import save_middle
 
             save_middle(model.middle, tmp)
         if extra is not None:

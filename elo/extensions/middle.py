@@ -7,7 +7,7 @@ hidden state entering the upper one. `attach_middle` puts the maps, frozen, into
 which applies each before the upper layer. The fit streams: it accumulates [X 1]ᵀ[X 1] and [X 1]ᵀY in fp64 (about
 2 d² numbers per gap for the fitted tokens and as many for the held-out ones, never N × d) and solves once.
 
-Feeding it from the training mixture (elo.data.MixtureSampler), with a sampler of its own so that training's stream
+Feeding it from the training mixture (elo.data.text.MixtureSampler), with a sampler of its own so that training's stream
 is untouched:
 
     surrogate = fit_middle(base, "1,30", (sampler.next_batch(8) for _ in itertools.count()), tokens=12_000)
@@ -34,10 +34,10 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from elo.checkpoint import MIDDLE_NAME, load_config, load_model, resolve
-from elo.data import TextTokenizer, text_windows
-from elo.files import atomic_file
-from elo.hidden import input_ids, layer_states
+from elo.hf.checkpoint import MIDDLE_NAME, load_config, load_model, resolve
+from elo.data.text import TextTokenizer, text_windows
+from elo.tools.files import atomic_file
+from elo.extensions.hidden import input_ids, layer_states
 from elo.model import Transformer
 from elo.surgery import fingerprint, parse_layers
 
@@ -138,7 +138,7 @@ def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | s
     """Fit the surrogate of the layers between `layers` (1-based, as for `detach`) of the full model `model` (a
     Transformer, or a path loaded on `device`).
 
-    `data`: token id batches, each a LongTensor [batch, seq] or an elo.data.Batch (e.g. a generator over
+    `data`: token id batches, each a LongTensor [batch, seq] or an elo.data.text.Batch (e.g. a generator over
     `sampler.next_batch(B)`), or, with `tokenizer`, texts (packed into `seq_len` windows). The stream's first `tokens`
     token positions are fitted; `held_out` more (default tokens // 10), from the batches after the last one fitted on,
     give the R² in `stats["r2"]`.

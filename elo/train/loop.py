@@ -1,10 +1,10 @@
 """The training loop shared by every stage: ELO pretraining, the full fine-tuning and LoRA baselines, alignment, SFT.
 
 A stage plugs in two parts and the loop does the rest:
-- a model, built by `elo.builders` (which tensors, from where, which train; sharded loading);
-- a batch source (`BatchSource`: pretraining text windows in `elo.data`, chat conversations for SFT).
-The loop's own parts: the optimizer and schedule, the step, validation, train-state checkpoints (`elo.run_dir`),
-metrics and the progress line (`elo.metrics`). Exporting the trained model is `elo.builders.export`.
+- a model, built by `elo.train.build` (which tensors, from where, which train; sharded loading);
+- a batch source (`BatchSource`: pretraining text windows in `elo.data.text`, chat conversations for SFT).
+The loop's own parts: the optimizer and schedule, the step, validation, train-state checkpoints (`elo.train.run_dir`),
+metrics and the progress line (`elo.train.metrics`). Exporting the trained model is `elo.train.build.export`.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` sequences on each of `world_size` ranks. The loss is
 summed over the target tokens of the whole global batch and divided by their global count, so every token weighs the
@@ -25,15 +25,15 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from elo import distributed
-from elo.cli import option
-from elo.data import Batch
-from elo.metrics import StepTimer, format_progress, mfu, peak_flops_info
-from elo.run_dir import RunDir
+from elo.train import distributed
+from elo.tools.cli import option
+from elo.data.text import Batch
+from elo.train.metrics import StepTimer, format_progress, mfu, peak_flops_info
+from elo.train.run_dir import RunDir
 
 
 class BatchSource(Protocol):
-    """What the loop draws batches from (elo.data.MixtureSampler, the SFT chat source)."""
+    """What the loop draws batches from (elo.data.text.MixtureSampler, the SFT chat source)."""
 
     langs: list[str]
     epochs: dict[str, float]  # passes over each language's training data so far
@@ -47,7 +47,7 @@ class BatchSource(Protocol):
 @dataclass(kw_only=True)
 class LoopConfig:
     """Options every stage shares (optimization, checkpoints, validation). Command-line options derive from these
-    fields (elo.cli.add_dataclass_options)."""
+    fields (elo.tools.cli.add_dataclass_options)."""
     out: str = field(metadata=option("run directory (created; --resume continues the run in it)"))
     seq_len: int = field(default=2048, metadata=option("tokens per sequence"))
     batch_size: int = field(default=4, metadata=option("sequences per micro-batch per process"))
@@ -270,14 +270,14 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
 def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance: dict,
               before_training=None) -> Path:
     """Everything a stage does once its options are checked: join the process group, build the batch source
-    (`build_source(d)`) and then the model (`model_spec()`, an elo.builders.ModelSpec; sharded), train, and export the model with a provenance record
+    (`build_source(d)`) and then the model (`model_spec()`, an elo.train.build.ModelSpec; sharded), train, and export the model with a provenance record
     (`elo_run.json`: `provenance` plus tokens, steps, seconds and the data position).
     `before_training(model, source, d)` may adjust the source and returns extra fields for the step-0 record."""
     import json
 
-    from elo.builders import export, materialize
-    from elo.files import atomic_write_text
-    from elo.flops import train_flops_per_token
+    from elo.train.build import export, materialize
+    from elo.tools.files import atomic_write_text
+    from elo.train.flops import train_flops_per_token
 
     run = RunDir(cfg.out)
     d = distributed.init()

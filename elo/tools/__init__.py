@@ -1,0 +1,1 @@
+"""Small utilities every part uses: atomic files and directories, JSON Lines, the command-line layer."""
