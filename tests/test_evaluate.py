@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import elo
-import evaluate
+from elo.evaluation import evaluate
 from elo.evaluation import scoring
 from elo.tools.cli import run_main
 from tests.conftest import DATA
@@ -144,7 +144,7 @@ def test_command_line_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     import subprocess
     import sys
 
-    script = [sys.executable, str(Path(evaluate.__file__)), "--ppl", f"ko={tmp_path}/nope.jsonl"]
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "evaluate.py"), "--ppl", f"ko={tmp_path}/nope.jsonl"]
     done = subprocess.run(script, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr == f"error: --ppl ko: file {tmp_path}/nope.jsonl not found\n"
     done = subprocess.run(script + ["--debug"], capture_output=True, text=True)

@@ -314,7 +314,7 @@ def test_check_reachable_goes_through_the_proxy_urllib_uses(judge, monkeypatch):
 @needs_data
 @pytest.mark.filterwarnings("ignore:prompt of:UserWarning")
 def test_evaluate_generation_without_judge_and_with_a_failing_one(judge, tiny_with_tokenizer, tmp_path, capsys):
-    import evaluate
+    from elo.evaluation import evaluate
     from elo.tools.cli import run_main
 
     out = tmp_path / "results.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
+from elo.evaluation import evaluate
 from elo.pipeline import run as pipeline
 from elo.evaluation import scoring
 from elo.tools.cli import run_main

@@ -21,7 +21,7 @@ again. `--dry-run` prints every command and checks every path and argument that 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -41,6 +41,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setu
     import tomli as tomllib
 
 from elo.align import AlignConfig
+from elo.evaluation import evaluate as evaluate_module
 from elo.tools.cli import base_type, parse_config
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.tools.files import MARKER, atomic_write_text
@@ -48,7 +49,7 @@ from elo.pretrain import TrainConfig
 from elo.train.run_dir import CONFIG_NAME, RunDir
 from elo.sft import SFTConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("train", "align", "chat_vector", "sft", "fft", "lora", "evaluate")
 MODELS = ("base", "train", "align", "chat_vector", "sft", "fft", "lora")  # what evaluation can compare
 TOP_KEYS = ("model", "nproc", "data", *STAGES)
@@ -469,21 +470,10 @@ def _check_chat_vector(stage: Stage) -> list[str]:
     return notes
 
 
-def _evaluate_module():
-    """evaluate.py, the script (its functions run the evaluation in this process)."""
-    module = sys.modules.get("evaluate")
-    if module is not None and Path(getattr(module, "__file__", "")).resolve() == REPO / "evaluate.py":
-        return module
-    spec = importlib.util.spec_from_file_location("elo_evaluate_script", REPO / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _check_evaluate(argv: list[str]) -> None:
     from elo.evaluation import tasks
 
-    ev = _evaluate_module()
+    ev = evaluate_module
     args = ev.parse_args(argv)
     ev.check_options(args)
     groups = tasks.expand(ev.split_names(args.tasks))
@@ -630,7 +620,7 @@ def run(p: Plan, start: str | None = None) -> Path:
             add_chat_vector(c["model"], c["base"], c["instruct"], stage.model, c["ratio"], c["embeddings"])
             atomic_write_text(stage.out / "command.json", json.dumps(command) + "\n")
         else:
-            ev = _evaluate_module()
+            ev = evaluate_module
             todo = {}
             for model_name, argv in stage.evals.items():
                 results, made_by = stage.out / f"{model_name}.json", stage.out / f"{model_name}.command.json"
