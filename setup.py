@@ -19,8 +19,10 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.5"],  # the pipeline report's figures; without it the report has tables only
+        "hub": ["pyarrow>=14"],  # Parquet data sources (most Hugging Face Hub datasets); JSONL and text need nothing
+        "log": ["tensorboard>=2.10"],  # --log tensorboard (wandb: pip install wandb)
         # reference implementations: used only by tests and benchmarks to prove parity and speed (+ the figures path)
         "dev": ["pytest>=8", "transformers>=4.46", "tokenizers>=0.20", "gguf>=0.10", "protobuf", "peft", "lm_eval",
-                "matplotlib>=3.5"],
+                "matplotlib>=3.5", "pyarrow>=14", "tensorboard>=2.10"],
     },
 )

@@ -25,7 +25,8 @@ from benchmarks.common import machine  # noqa: E402
 from elo.train import build as builders, distributed  # noqa: E402
 from elo.train.flops import train_flops_per_token  # noqa: E402
 from elo.train.metrics import peak_flops_info  # noqa: E402
-from elo.train.loop import LoopConfig, make_optimizer  # noqa: E402
+from elo.train.loop import make_optimizer  # noqa: E402
+from elo.train.options import LoopConfig  # noqa: E402
 
 LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elo.train.build import LoRAOptions, check_context, full_spec, normalize_model, materialize, spliced_spec, train_only_layers
+from elo.data.sources import source_digests
 from elo.hf.checkpoint import load_config
+from elo.hf.tokenizer import load_tokenizer
+from elo.surgery import splice_checkpoint
 from elo.tools.cli import option, parse_config
-from elo.pretrain import TextDataConfig
-from elo.train.loop import LoopConfig, check_run_dir, run_stage, validation_loss
+from elo.train import distributed
+from elo.train.build import full_spec, materialize, spliced_spec, train_only_layers
+from elo.train.loop import fit, resuming, validation_loss
+from elo.train.options import LoRAOptions, LoopConfig, TextDataConfig, normalize_model, prepare, run_session
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbB]?)\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
@@ -32,8 +35,9 @@ class AlignConfig(LoopConfig, TextDataConfig, LoRAOptions):
     tokens: str | None = field(default=None, metadata=option(
         "alignment budget: a count (300M, 2.5e6) or a percentage of the ELO run's tokens (11%%); default 1/9 of "
         "them, the paper's 1 GB after 9 GB"))
-    max_steps: int = field(default=0, metadata=option("optimizer steps instead of --tokens"))
-    warmup_steps: int = field(default=10, metadata=option("linear warmup steps"))
+    max_steps: int | None = field(default=None, metadata=option("optimizer steps instead of --tokens"))
+    warmup_steps: int | None = field(default=None, metadata=option(
+        "linear warmup steps (default: a tenth of the steps, at least 1, so a short budget leaves warmup)"))
     lr: float = field(default=2e-5, metadata=option("peak learning rate"))
     train_layers: str | None = field(default=None, metadata=option(
         "train only these 1-based decoder layers (all still compute), e.g. 1,2,29,30; default: the whole model"))
@@ -43,6 +47,18 @@ class AlignConfig(LoopConfig, TextDataConfig, LoRAOptions):
     control: bool = field(default=False, metadata=option(
         "the alignment-only control: train the base itself, without the ELO layers, on exactly the tokens alignment "
         "would see (so a gain after alignment can be credited to ELO or not)"))
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_data(self.seq_len)
+        self.validate_lora()
+        if self.control and self.save_spliced:
+            raise ValueError("--control trains the base without the ELO layers: there is no spliced model to save")
+        if self.lora_rank and self.train_layers:
+            raise ValueError("--lora-rank and --train-layers are alternatives; give one")
+        if self.train_layers is not None and not self.train_layers.strip(","):
+            raise ValueError(f"--train-layers {self.train_layers!r}: expected 1-based layer numbers such as 1,2,29,30 "
+                             f"(leave it out to train the whole model)")
 
 
 @dataclass(frozen=True)
@@ -89,26 +105,33 @@ def parse_tokens(spec: str, elo_tokens: int | None) -> int:
     return int(count)
 
 
-def plan(cfg: AlignConfig) -> tuple[EloInput, int | None]:
-    """Check every input and settle the step count (cheap: configs and two small tensors); returns the ELO input
-    and the token budget (None when --max-steps gave the steps)."""
+def budget_tokens(tokens: str | None, elo_tokens: int | None) -> int:
+    """Alignment's token budget, the one rule the pipeline and its baselines share: `--tokens` (a count, or a
+    percentage of the ELO run's tokens), else 1/9 of the ELO run's tokens (the paper's 1 GB after 9 GB)."""
+    return parse_tokens(tokens, elo_tokens) if tokens is not None else max(1, elo_tokens // 9)
+
+
+def plan(cfg: AlignConfig, world_size: int) -> tuple[EloInput, int | None]:
+    """Check every input and settle the step count for `world_size` processes (cheap: configs and two small
+    tensors); returns the ELO input and the token budget (None when --max-steps gave the steps)."""
     elo = find_submodel(cfg.elo)
     recorded = load_config(elo.submodel).elo["base"]
     cfg.base = normalize_model(cfg.base or recorded or "")
     if not cfg.base:
         raise ValueError(f"the submodel in {elo.submodel} records no base model; pass --base")
-    if cfg.tokens is not None and cfg.max_steps:
+    if cfg.tokens is not None and cfg.max_steps is not None:
         raise ValueError("give either --tokens or --max-steps, not both")
     budget = None
-    if not cfg.max_steps:
+    if cfg.max_steps is None:
         elo_tokens = elo.run["tokens"] if elo.run else None
         if cfg.tokens is None and elo_tokens is None:
             raise ValueError(f"--elo {cfg.elo} is a submodel directory, not a run directory: give the alignment "
                              f"budget with --tokens or --max-steps")
-        budget = parse_tokens(cfg.tokens, elo_tokens) if cfg.tokens is not None else max(1, elo_tokens // 9)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+        budget = budget_tokens(cfg.tokens, elo_tokens)
+        per_step = cfg.batch_size * cfg.grad_accum * world_size * cfg.seq_len
         cfg.max_steps = max(1, math.ceil(budget / per_step))
+    if cfg.warmup_steps is None:
+        cfg.warmup_steps = max(1, cfg.max_steps // 10)
     return elo, budget
 
 
@@ -122,63 +145,46 @@ def continues_elo_stream(cfg: AlignConfig, run: dict | None) -> bool:
 
 def align(cfg: AlignConfig) -> Path:
     """Run (or resume) alignment; returns the directory of the aligned full model."""
-    from elo.hf.tokenizer import load_tokenizer
-
-    elo, budget = plan(cfg)
-    cfg.validate()
-    cfg.validate_data(cfg.seq_len)
-    run = check_run_dir(cfg)
-    if run is None:
+    elo, budget = plan(cfg, distributed.world_size_from_env())
+    if prepare(cfg, cfg.base) is None:
         return Path(cfg.out) / "model"
-    check_context(cfg.seq_len, cfg.base)
-    if cfg.control and cfg.save_spliced:
-        raise ValueError("--control trains the base without the ELO layers: there is no spliced model to save")
     spec = full_spec(cfg.base) if cfg.control else spliced_spec(cfg.base, elo.submodel)
     if cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)
-    cfg.validate_lora()
-    if cfg.lora_rank and cfg.train_layers:
-        raise ValueError("--lora-rank and --train-layers are alternatives; give one")
     spec = cfg.with_lora(spec, cfg.seed)
     tokenizer = load_tokenizer(cfg.base)
     continuing = continues_elo_stream(cfg, elo.run)
-    steps = cfg.max_steps
-
-    def before_training(model, source, d, fresh: bool) -> dict:
-        if d.main:
-            how = (f"continuing the ELO run's data stream at sequence {elo.run['data_state']['position']:,} "
-                   f"(no ELO sequence is seen again)" if continuing else
-                   f"drawing its own stream with seed {cfg.seed} (the data, seed or split differ from the ELO run)")
-            what = "the base alone (control, no ELO layers)" if cfg.control else "the spliced model"
-            print(f"align: {steps} steps of {what}" + (f" for a budget of {budget:,} tokens" if budget else "")
-                  + f"; {how}", flush=True)
-        if continuing:
-            source.load_state_dict(elo.run["data_state"])
-        if not fresh:
-            return {}
-        if cfg.save_spliced and d.main:
-            from elo.surgery import splice_checkpoint
-
-            splice_checkpoint(cfg.base, elo.submodel, Path(cfg.out) / "spliced")
-        base = materialize(full_spec(cfg.base), d)
-        base_loss = validation_loss(base, source, cfg.batch_size, cfg.eval_batches, d.device, "base_val_loss")
-        del base
-        return base_loss
-
     provenance = {"stage": "align", "base": cfg.base, "elo_submodel": str(elo.submodel.resolve()),
                   "elo_layers": load_config(elo.submodel).elo["layers"], "data": cfg.data, "seed": cfg.seed,
                   "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens,
                   "continued_elo_stream": continuing, "control": cfg.control, "train_layers": cfg.train_layers,
                   "lora_rank": cfg.lora_rank,
                   "data_digests": _digests(cfg.data)}
-    return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], "align",
-                     provenance, before_training)
+    with run_session(cfg) as d:
+        source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)
+        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, cfg.cpu_offload)
+        if d.main:
+            how = (f"continuing the ELO run's data stream at sequence {elo.run['data_state']['position']:,} "
+                   f"(no ELO sequence is seen again)" if continuing else
+                   f"drawing its own stream with seed {cfg.seed} (the data, seed or split differ from the ELO run)")
+            what = "the base alone (control, no ELO layers)" if cfg.control else "the spliced model"
+            print(f"align: {cfg.max_steps} steps of {what}" + (f" for a budget of {budget:,} tokens" if budget else "")
+                  + f"; {how}", flush=True)
+        if continuing:
+            source.load_state_dict(elo.run["data_state"])
+        base_loss = None
+        if not resuming(cfg):  # once per run: the spliced model on disk, and the base's loss to compare against
+            if cfg.save_spliced and d.main:
+                splice_checkpoint(cfg.base, elo.submodel, Path(cfg.out) / "spliced")
+            base = materialize(full_spec(cfg.base), d)
+            base_loss = validation_loss(base, source, cfg.batch_size, cfg.eval_batches, d.device, "base_val_loss")
+            del base
+        return fit(cfg, model, spec, source, d, "align", provenance, base_loss)
 
 
 def _digests(data: dict[str, list[str]]) -> dict[str, str]:
-    from elo.tools.files import sha256_file
-
-    return {f: sha256_file(f) for files in data.values() for f in files}
+    """Each local data file's sha256, each Hub dataset's commit."""
+    return source_digests(source for sources in data.values() for source in sources)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from elo.data.chat_templates import Message, chat_renderer, render_chat
 from elo.evaluation.generate import chat_stop_ids, stream
-from elo.hf.checkpoint import load_model, resolve
+from elo.hf.checkpoint import load_model
+from elo.hf.hub import resolve
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.hf.tokenizer import load_tokenizer
 from elo.tools.cli import run_main
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1) or args.max_new_tokens < 1:  # NaN fails both
         raise ValueError(f"need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1; got "
                          f"{args.temperature}, {args.top_p} and {args.max_new_tokens}")
     directory = resolve(args.model)
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"model {args.model} has no chat template; expected an instruct (chat) model")
     chat_renderer(tokenizer.chat_template)  # an unsupported template is refused before the weights load
     model = load_model(directory, dtype=getattr(torch, args.dtype), device=args.device)
+    if model.config.elo is not None:
+        print(f"note: {args.model} is an ELO submodel ({len(model.config.layer_ids)} of "
+              f"{model.config.elo['base_num_hidden_layers']} layers of {model.config.elo['base']}), not a whole model; "
+              f"splice it into its base first (align.py, or elo.splice_checkpoint)", file=sys.stderr, flush=True)
     stop = chat_stop_ids(model, tokenizer)
 
     if args.prompt is not None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from elo.hf.checkpoint import CheckpointReader, copy_side_files, load_config, resolve, rewrite_checkpoint
+from elo.hf.checkpoint import CheckpointReader, copy_side_files, load_config, rewrite_checkpoint
+from elo.hf.hub import resolve
 from elo.tools.files import atomic_dir
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")  # rows indexed by token id

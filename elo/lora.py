@@ -42,17 +42,3 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
                 if name in targets and isinstance(child, nn.Linear):
                     setattr(parent, name, LoRALinear(child, rank, alpha))
     return model
-
-
-def merge_lora_state(state: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """A plain state dict (HF names, no adapters) with every `x.lora_B @ x.lora_A * scale` added to `x.weight`."""
-    merged = {}
-    for name, t in state.items():
-        if name.endswith((".lora_A", ".lora_B")):
-            continue
-        prefix = name.removesuffix(".weight")
-        if f"{prefix}.lora_A" in state:
-            a, b = state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"]
-            t = (t.float() + scale * (b.float() @ a.float())).to(t.dtype)
-        merged[name] = t
-    return merged

@@ -8,6 +8,7 @@ the full model's state dict.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 
@@ -190,6 +191,56 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class FrozenAffine(nn.Module):
+    """x ↦ x Wᵀ + b with W and b fixed. They are buffers, not parameters: no optimizer, FSDP sharding or HF state
+    dict ever sees them. `attach_middle` moves them to the model's device but keeps the fit's fp32 whatever the
+    model's dtype, so that a save after training is the fit, bit for bit."""
+
+    def __init__(self, weight: Tensor, bias: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # follow the activations' dtype: FSDP's mixed precision casts parameters to bf16, never buffers
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class MiddleSurrogate(nn.ModuleDict):
+    """Frozen maps keyed like `model.model.layers` (the upper layer's original 0-based index): entry k maps the output
+    of the submodel layer below layer k to layer k's input. `stats` records the fit (JSON): kind, ridge, tokens,
+    held_out, layers (1-based, as detached), gaps ([lower, upper] 1-based), r2 (held-out, per gap), fingerprint and
+    name of the base, hidden_size, seconds."""
+
+    def __init__(self, maps: dict[str, FrozenAffine], stats: dict):
+        super().__init__(maps)
+        self.stats = stats
+
+
+def attach_middle(model: Transformer, surrogate: MiddleSurrogate) -> Transformer:
+    """Insert `surrogate` into the ELO submodel `model` (in place, as `model.middle`), after checking that it was
+    fitted for this submodel's layers of the same base model."""
+    elo, stats = model.config.elo, surrogate.stats
+    if elo is None:
+        raise ValueError("a middle surrogate goes into an ELO submodel; this model has no 'elo' record (detach first)")
+    if elo["layers"] != stats["layers"]:
+        raise ValueError(f"the surrogate was fitted for layers {stats['layers']}; the submodel holds {elo['layers']}")
+    if elo["fingerprint"] != stats["fingerprint"]:
+        raise ValueError(f"the surrogate was fitted on another base model (fingerprint {stats['fingerprint']}) than "
+                         f"the submodel's {elo['base']!r} (fingerprint {elo['fingerprint']})")
+    model.middle = surrogate.to(model.device)
+    return model
+
+
+def fingerprint(norm_weight: Tensor, embed_rows: Tensor) -> str:
+    """Identity of a base model: the final norm and the first 4 embedding rows, rounded to bf16 so that fp32 and
+    bf16 loads of one checkpoint agree. `Transformer.fingerprint()` and `CheckpointReader.fingerprint()` agree."""
+    h = hashlib.sha256()
+    for t in (norm_weight, embed_rows[:4]):
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -223,18 +274,22 @@ class Transformer(nn.Module):
         model.rope = RotaryEmbedding(config, device=model.model.embed_tokens.weight.device)
         return model
 
-    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
-                last_logits: int | None = None, documents: list[int] | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits (batch, seq, vocab) for `input_ids`; with a cache, for the new positions after those each row holds;
-        with `last_logits`, for the last that many positions only (0 when a prompt is only prefilled into the cache).
-        With `targets` (batch, seq; < 0 ignored): (summed cross-entropy, per-token losses) instead, through the fused
-        head + loss of elo.loss, which never holds the whole logits tensor.
-        With `documents` (lengths summing to seq, one row, no cache): the row packs those documents one after the
-        other; each is computed as if alone (its own positions from 0, attention within itself), with no padding."""
+    def fingerprint(self) -> str:
+        return fingerprint(self.model.norm.weight, self.model.embed_tokens.weight[:4])
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_seq_len, self.model.embed_tokens.weight.dtype, self.device)
+
+    def hidden_states(self, input_ids: Tensor, cache: KVCache | None = None,
+                      documents: list[int] | None = None) -> Tensor:
+        """Final-norm hidden states (batch, seq, hidden) for `input_ids`; with a cache, for the new positions after
+        those each row holds. With `documents` (lengths summing to seq, one row, no cache): the row packs those
+        documents one after the other; each is computed as if alone (its own positions from 0, attention within
+        itself), with no padding."""
         T = input_ids.shape[1]
         windows = {self.config.window(i) for i in range(len(self.model.layers))}
         x = self.model.embed_tokens(input_ids)
@@ -254,7 +309,15 @@ class Transformer(nn.Module):
             if self.middle is not None and key in self.middle:
                 x = self.middle[key](x)
             x = layer(x, cos, sin, masks[self.config.window(i)], cache, i, documents)
-        x = self.model.norm(x)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
+                last_logits: int | None = None, documents: list[int] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (batch, seq, vocab) of `hidden_states(input_ids, cache, documents)`; with `last_logits`, for the
+        last that many positions only (0 when a prompt is only prefilled into the cache). With `targets` (batch,
+        seq; < 0 ignored): (summed cross-entropy, per-token losses) instead, through the fused head + loss of
+        elo.loss, which never holds the whole logits tensor."""
+        x = self.hidden_states(input_ids, cache, documents)
         if targets is not None:
             return head_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x if last_logits is None else x[:, x.shape[1] - last_logits:])

@@ -12,102 +12,116 @@ from pathlib import Path
 
 import torch
 
-from elo.train import distributed
-from elo.train.build import LoRAOptions, ModelSpec, check_context, elo_spec, full_spec, normalize_model
-from elo.tools.cli import option, parse_config
-from elo.data.text import build_dataset, parse_data, parse_mix
+from elo.extensions.fidelity import gradient_fidelity
+from elo.extensions.layer_scores import layer_scores
+from elo.extensions.middle import KINDS, fit_middle
+from elo.hf.checkpoint import MIDDLE_NAME, load_middle, load_model, save_middle
 from elo.hf.default_model import DEFAULT_MODEL
+from elo.hf.tokenizer import load_tokenizer
+from elo.model import Transformer, attach_middle
+from elo.surgery import splice
+from elo.tools.cli import option, parse_config
+from elo.train import distributed
+from elo.train.build import ModelSpec, elo_spec, full_spec, in_situ_spec, materialize
+from elo.train.loop import fit
+from elo.train.options import LoRAOptions, LoopConfig, TextDataConfig, normalize_model, prepare, run_session
 from elo.train.run_dir import RunDir
-from elo.train.loop import LoopConfig, check_run_dir, run_stage
 
 
-def data_specs(specs: list[str]) -> dict[str, list[str]]:
-    """Repeated `--data LANG=PATH` -> {lang: [absolute paths]}; a repeated language adds files."""
-    return {lang: [str(p.resolve()) for p in paths] for lang, paths in parse_data(specs).items()}
+@dataclass(frozen=True)
+class LayerChoice:
+    """`--layers`, parsed once: explicit 1-based layer numbers (`1,32`; negative counts from the end), `all` (full
+    fine-tuning) or `auto:K` (the K layers elo.layer_scores suggests). `text` is what was asked for: the run's
+    identity in train_config.json."""
+    text: str
+    numbers: tuple[int, ...] = ()  # explicit layers, 1-based as given (checked against the model by elo.surgery)
+    auto: int | None = None  # K of auto:K
 
+    @classmethod
+    def parse(cls, text: str | LayerChoice) -> LayerChoice:
+        if isinstance(text, LayerChoice):
+            return text
+        text = text.strip()
+        if text == "all":
+            return cls(text)
+        if text.startswith("auto:"):
+            k = text.removeprefix("auto:")
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"--layers {text!r}: expected auto:K with K a positive integer")
+            return cls(text, auto=int(k))
+        try:
+            numbers = tuple(int(n) for n in text.split(",") if n.strip())
+        except ValueError:
+            numbers = ()
+        if not numbers:
+            raise ValueError(f"--layers {text!r}: expected 1-based layer numbers such as 1,32, 'all' or 'auto:K'")
+        return cls(text, numbers)
 
-@dataclass(kw_only=True)
-class TextDataConfig:
-    """Pretraining text: files per language and their mix (train.py and align.py)."""
-    data: dict[str, list[str]] = field(default_factory=dict, metadata=option(
-        "text for a language (JSONL or .txt); repeat for more languages or files", repeat=True,
-        metavar="LANG=PATH", parse=data_specs, required=True))
-    mix: str | None = field(default=None, metadata=option("token proportions, e.g. en:1,ko:9 (default 1:9 English:"
-                                                         "target for English + one language)"))
-    text_field: str = field(default="text", metadata=option("JSONL field holding the text", flag="--field"))
-    val_tokens: int | None = field(default=None, metadata=option("held-out tokens per language (default: 1%%, at "
-                                                                "most 64 sequences)"))
-    cache_dir: str | None = field(default=None, metadata=option("token cache directory (default ~/.cache/elo/data)"))
+    @property
+    def all(self) -> bool:
+        return self.text == "all"
 
-    def validate_data(self, seq_len: int) -> None:
-        if not self.data:
-            raise ValueError("no --data given; expected LANG=PATH, e.g. --data ko=ko.jsonl")
-        for lang, files in self.data.items():
-            for f in files:
-                if not Path(f).is_file():
-                    raise FileNotFoundError(f"--data {lang}={f}: "
-                                            + ("is a directory; expected a .jsonl or .txt file" if Path(f).is_dir()
-                                               else "file not found"))
-        if self.mix:
-            parse_mix(self.mix)
-        if self.val_tokens is not None and self.val_tokens < seq_len + 1:
-            raise ValueError(f"--val-tokens {self.val_tokens}: expected at least one held-out sequence "
-                             f"(--seq-len + 1 = {seq_len + 1} tokens)")
-
-    def build_source(self, tokenizer, seq_len: int, seed: int, d: distributed.Dist):
-        return build_dataset(self.data, tokenizer, seq_len, parse_mix(self.mix) if self.mix else None, seed,
-                             d.rank, d.world_size, cache_dir=self.cache_dir, field=self.text_field,
-                             val_tokens=self.val_tokens)
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(kw_only=True)
 class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
     model: str = field(default=DEFAULT_MODEL, metadata=option("HF model directory, hub id, or the offline default"))
-    layers: str = field(default="1,-1", metadata=option("1-based decoder layers to detach and train (ELO), e.g. "
-                                                       "1,32; 'all': full fine-tuning"))
+    layers: LayerChoice = field(default=LayerChoice.parse("1,-1"), metadata=option(
+        "1-based decoder layers to detach and train (ELO), e.g. 1,32; 'all': full fine-tuning; 'auto:K': the K layers "
+        "elo.layer_scores suggests", parse=LayerChoice.parse))
     train_embeddings: bool = field(default=False, metadata=option("ELO: also train embedding, final norm and head"))
     middle: str | None = field(default=None, metadata=option(
         "ELO: put a frozen fitted surrogate of the skipped middle layers between the chosen ones ('linear'), so the "
         "upper layer trains on inputs like those it sees in the full model"))
     middle_tokens: int = field(default=12000, metadata=option("tokens of the training mix the surrogate is fitted on"))
+    in_situ: bool = field(default=False, metadata=option(
+        "ELO's oracle: train the chosen layers inside the full model (exact gradients, the middle computed and "
+        "frozen) on the same stream; writes the submodel, so align.py continues from it. An upper bound for any "
+        "stand-in of the middle, not a method: it costs the full model's forward and backward"))
+    fidelity_every: int = field(default=0, metadata=option(
+        "ELO: every N steps, log the gradient fidelity of the chosen layers (cosine and norm ratio of the submodel's "
+        "gradient to the full model's, elo.gradient_fidelity) on the validation batches; holds the full model in "
+        "memory and costs its forward and backward per measurement (0: off)"))
+
+    VOLATILE = LoopConfig.VOLATILE | {"fidelity_every"}  # what is measured, not what is trained
 
     @property
     def mode(self) -> str:
         if self.lora_rank > 0:
             return "lora"
-        return "full" if self.layers == "all" else "elo"
+        return "full" if self.layers.all else "elo"
 
     def validate(self) -> None:
         super().validate()
         self.validate_data(self.seq_len)
         self.model = normalize_model(self.model)
         self.validate_lora()
-        self.auto_layers()
         if self.middle is not None:
-            from elo.extensions.middle import KINDS
-
             if self.middle not in KINDS:
                 raise ValueError(f"--middle {self.middle!r}: expected one of {', '.join(KINDS)}")
             if self.mode != "elo":
                 raise ValueError("--middle stands in for the layers ELO skips; it needs ELO mode (--layers 1,32)")
-        if self.mode == "lora" and self.layers not in ("all", "1,-1"):
+        if self.in_situ and (self.mode != "elo" or self.middle or self.fidelity_every):
+            raise ValueError("--in-situ trains ELO's layers inside the full model: it needs ELO mode (--layers 1,32) "
+                             "and no --middle or --fidelity-every (there is no stand-in to measure)")
+        if self.fidelity_every < 0:
+            raise ValueError(f"--fidelity-every {self.fidelity_every}: expected 0 (off) or a positive integer")
+        if self.fidelity_every and self.mode != "elo":
+            raise ValueError("--fidelity-every compares the ELO submodel with the full model; it needs ELO mode")
+        if self.mode == "lora" and self.layers.text not in ("all", "1,-1"):
             raise ValueError(f"--lora-rank trains adapters on every layer; drop --layers {self.layers} or use 'all'")
 
-    def auto_layers(self) -> int | None:
-        """K of `--layers auto:K` (None for explicit layers)."""
-        if not self.layers.startswith("auto:"):
-            return None
-        k = self.layers.removeprefix("auto:")
-        if not k.isdigit() or int(k) < 1:
-            raise ValueError(f"--layers {self.layers!r}: expected auto:K with K a positive integer")
-        return int(k)
+    def record(self) -> dict:
+        return super().record() | {"layers": self.layers.text}
 
-    def model_spec(self) -> ModelSpec:
-        """The model part: cheap to build (reads the config and two small tensors), so errors come early."""
+    def model_spec(self, layers: tuple[int, ...] | None = None) -> ModelSpec:
+        """The model part: cheap to build (reads the config and two small tensors), so errors come early. `layers`:
+        the ELO layers when --layers auto:K chose them."""
         if self.mode == "elo":
-            if self.layers == "all":
-                raise ValueError("--layers all is full fine-tuning")
-            return elo_spec(self.model, self.layers, self.train_embeddings)
+            build = in_situ_spec if self.in_situ else elo_spec
+            return build(self.model, layers or self.layers.numbers, self.train_embeddings)
         return self.with_lora(full_spec(self.model), self.seed)
 
 
@@ -117,39 +131,31 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) pretraining; returns the directory of the trained model."""
-    from elo.hf.tokenizer import load_tokenizer
-
-    cfg.validate()
-    run = check_run_dir(cfg)
-    if run is None:
+    if prepare(cfg, cfg.model) is None:
         return RunDir(cfg.out).model
-    check_context(cfg.seq_len, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    auto = cfg.layers.startswith("auto:")
-    if auto:
-        cfg.layers, scores = suggest_layers(cfg, tokenizer)
-    spec = cfg.model_spec()
+    scores = suggest_layers(cfg, tokenizer) if cfg.layers.auto else None
+    spec = cfg.model_spec(tuple(scores["suggested"]) if scores else None)
     if cfg.middle:
         check_middle(cfg, spec)
-    provenance = {"stage": "pretrain", "mode": cfg.mode, "model": cfg.model, "layers": cfg.layers, "data": cfg.data,
+    layers = (spec.export_config or spec.config).elo["layers"] if cfg.mode == "elo" else None  # 1-based, resolved
+    provenance = {"stage": "pretrain", "mode": "in-situ" if cfg.in_situ else cfg.mode, "model": cfg.model,
+                  "layers": ",".join(map(str, layers)) if scores else cfg.layers.text, "data": cfg.data,
                   "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens,
                   "middle": cfg.middle}
-    if auto:
+    if scores:
         provenance["layer_scores"] = scores
-        cfg.layers = f"auto:{len(scores['suggested'])}"  # the run's identity stays what was asked for
-    layers = spec.config.elo["layers"] if cfg.mode == "elo" else None  # 1-based, resolved
-    before = (lambda model, source, d, fresh: attach_fitted_middle(cfg, layers, model, tokenizer, d)) \
-        if cfg.middle else None
-    return run_stage(cfg, lambda: spec, lambda d: cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)[0], cfg.mode,
-                     provenance, before)
+    with run_session(cfg) as d:
+        source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)
+        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile)
+        extra = attach_fitted_middle(cfg, layers, model, tokenizer, d) if cfg.middle else None
+        probe = FidelityProbe(cfg, layers, d) if cfg.fidelity_every else None
+        return fit(cfg, model, spec, source, d, cfg.mode, provenance, extra, probe)
 
 
-def suggest_layers(cfg: TrainConfig, tokenizer) -> tuple[str, dict]:
-    """`--layers auto:K`: the K layers `elo.extensions.layer_scores` suggests from the held-out text of the run's languages."""
-    from elo.hf.checkpoint import load_model
-    from elo.extensions.layer_scores import layer_scores
-
-    k = cfg.auto_layers()
+def suggest_layers(cfg: TrainConfig, tokenizer) -> dict:
+    """`--layers auto:K`: the K layers `elo.layer_scores` suggests from the held-out text of the run's languages."""
+    k = cfg.layers.auto
     source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))
     batches = {lang: list(itertools.islice(source.val_batches(lang, cfg.batch_size), cfg.eval_batches))
                for lang in source.langs}
@@ -158,7 +164,31 @@ def suggest_layers(cfg: TrainConfig, tokenizer) -> tuple[str, dict]:
     if distributed.rank_from_env() == 0:
         print(f"--layers auto:{k}: layer scores from held-out text\n{scores.table()}\nchosen layers: {layers}",
               flush=True)
-    return layers, {"suggested": scores.suggested, "influence": scores.influence, "shift": scores.shift}
+    return {"suggested": scores.suggested, "influence": scores.influence, "shift": scores.shift}
+
+
+class FidelityProbe:
+    """`--fidelity-every N`: elo.gradient_fidelity of the submodel being trained, spliced into a copy of the full base
+    it came from, on the first validation batch of each language (the same batches every time)."""
+
+    def __init__(self, cfg: TrainConfig, layers: list[int], d: distributed.Dist):
+        if d.world_size > 1:
+            raise ValueError("--fidelity-every runs the full model beside the submodel in one process; run it with "
+                             "one process (python train.py)")
+        self.every, self.layers, self.batch_size = cfg.fidelity_every, layers, cfg.batch_size
+        self.base = load_model(cfg.model, device=d.device)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def measure(self, model: Transformer, source) -> dict[str, float]:
+        splice(self.base, model)  # the base with the layers as trained so far
+        batches = [next(source.val_batches(lang, self.batch_size)) for lang in source.langs]
+        report = gradient_fidelity(self.base, self.layers, batches, middle=model.middle)
+        record = {"fidelity/loss_full": report["loss_full"], "fidelity/loss_submodel": report["loss_submodel"]}
+        for layer, r in report["layers"].items():
+            record |= {f"fidelity/cosine/{layer}": r["cosine"], f"fidelity/norm_ratio/{layer}": r["norm_ratio"]}
+        return record
 
 
 def check_middle(cfg: TrainConfig, spec: ModelSpec) -> None:
@@ -175,8 +205,6 @@ def check_middle(cfg: TrainConfig, spec: ModelSpec) -> None:
 def attach_fitted_middle(cfg: TrainConfig, layers: list[int], model, tokenizer, d: distributed.Dist) -> dict:
     """Fit the surrogate once (rank 0, on the first tokens of the training mix, kept in the run directory so a
     resumed run gets it bit for bit), then attach it to every process's submodel."""
-    from elo.extensions.middle import MIDDLE_NAME, attach_middle, fit_middle, load_middle, save_middle
-
     directory = Path(cfg.out) / "checkpoints"
     if d.main and not (directory / MIDDLE_NAME).is_file():
         stream, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))

@@ -11,13 +11,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elo.train import distributed
-from elo.train.build import LoRAOptions, check_context, full_spec, normalize_model
-from elo.tools.cli import option, parse_config
+from elo.chat_vector import add_chat_vector
+from elo.data.chat_data import build_chat_source
 from elo.data.text import parse_mix
+from elo.hf.tokenizer import load_tokenizer
+from elo.tools.cli import option, parse_config
 from elo.tools.files import MARKER
-from elo.pretrain import data_specs
-from elo.train.loop import LoopConfig, check_run_dir, run_stage
+from elo.train import distributed
+from elo.train.build import full_spec, materialize
+from elo.train.loop import fit
+from elo.train.options import LoRAOptions, LoopConfig, check_data, data_specs, normalize_model, prepare, run_session
 
 
 @dataclass(kw_only=True)
@@ -25,14 +28,16 @@ class SFTConfig(LoopConfig, LoRAOptions):
     model: str = field(metadata=option("the model to tune: align.py's output (runs/align-ko/model), a directory or "
                                       "a hub id"))
     data: dict[str, list[str]] = field(default_factory=dict, metadata=option(
-        "chat JSONL (ShareGPT 'conversations' or OpenAI 'messages') for a language; repeat for more",
-        repeat=True, metavar="LANG=PATH", parse=data_specs, required=True))
+        "chat data for a language, ShareGPT 'conversations' or OpenAI 'messages' records: a .jsonl or .parquet file, "
+        "a directory or glob of them, or a Hugging Face Hub dataset hf://datasets/OWNER/NAME[@REVISION]/GLOB; append "
+        "?COLUMN=VALUE to keep only matching records (e.g. ?language=Korean); repeat for more",
+        repeat=True, metavar="LANG=SOURCE", parse=data_specs, required=True))
     mix: str | None = field(default=None, metadata=option("conversation proportions, e.g. ko:1,en:1 (default equal)"))
     val_conversations: int | None = field(default=None, metadata=option(
         "held-out conversations per language (default 1%%, at least 1, at most 128)"))
     epochs: float | None = field(default=None, metadata=option("passes over the training conversations, instead of "
                                                               "--max-steps"))
-    max_steps: int = field(default=0, metadata=option("optimizer steps (or give --epochs)"))
+    max_steps: int | None = field(default=None, metadata=option("optimizer steps (or give --epochs)"))
     lr: float = field(default=1e-5, metadata=option("peak learning rate"))
     warmup_steps: int = field(default=10, metadata=option("linear warmup steps"))
     chat_vector_base: str | None = field(default=None, metadata=option(
@@ -42,9 +47,9 @@ class SFTConfig(LoopConfig, LoRAOptions):
     cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
 
     def validate(self) -> None:
-        if self.epochs is not None and self.max_steps:
+        if self.epochs is not None and self.max_steps is not None:
             raise ValueError("give either --epochs or --max-steps, not both")
-        if self.epochs is None and not self.max_steps:
+        if self.epochs is None and self.max_steps is None:
             raise ValueError("give the length of the run: --epochs E or --max-steps S")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"--epochs {self.epochs}: expected a positive number")
@@ -55,15 +60,10 @@ class SFTConfig(LoopConfig, LoRAOptions):
         self.validate_lora()
         if self.val_conversations is not None and self.val_conversations < 1:
             raise ValueError(f"--val-conversations {self.val_conversations}: expected a positive integer")
-        saved_steps, self.max_steps = self.max_steps, self.max_steps or 1  # checked once known
         super().validate()
-        self.max_steps = saved_steps
-        for lang, files in self.data.items():
-            for f in files:
-                if not Path(f).is_file():
-                    raise FileNotFoundError(f"--data {lang}={f}: file not found")
         if not self.data:
-            raise ValueError("no --data given; expected LANG=PATH, e.g. --data ko=ko_chats.jsonl")
+            raise ValueError("no --data given; expected LANG=SOURCE, e.g. --data ko=ko_chats.jsonl")
+        check_data(self.data)
         if self.mix:
             parse_mix(self.mix)
         self.model = normalize_model(self.model)
@@ -77,34 +77,24 @@ class SFTConfig(LoopConfig, LoRAOptions):
 
 def sft(cfg: SFTConfig) -> Path:
     """Run (or resume) SFT; returns the directory of the tuned chat model."""
-    from elo.data.chat_data import build_chat_source
-    from elo.hf.tokenizer import load_tokenizer
-
-    cfg.validate()
-    run = check_run_dir(cfg)
-    if run is None:
+    if prepare(cfg, cfg.model) is None:
         return Path(cfg.out) / "model"
-    check_context(cfg.seq_len, cfg.model)
-    model_dir = cfg.model
-    if cfg.chat_vector_base:
-        model_dir = str(Path(cfg.out) / "chat_vector")
-        if not (Path(model_dir) / MARKER).is_file() and distributed.rank_from_env() == 0:
-            from elo.chat_vector import add_chat_vector
-
-            print(f"chat vector: {cfg.model} + {cfg.chat_vector_ratio} * ({cfg.chat_vector_instruct} - "
-                  f"{cfg.chat_vector_base}) -> {model_dir}", flush=True)
-            add_chat_vector(cfg.model, cfg.chat_vector_base, cfg.chat_vector_instruct, model_dir,
-                            cfg.chat_vector_ratio)
-    spec = cfg.with_lora(full_spec(model_dir), cfg.seed) if not cfg.chat_vector_base else None
-    mix = parse_mix(cfg.mix) if cfg.mix else None
-
-    def build_source(d: distributed.Dist):
-        nonlocal spec
-        if spec is None:  # the chat-vector model: written by rank 0 above, visible to all after this barrier
+    provenance = {"stage": "sft", "model": cfg.model, "chat_vector": {
+        "base": cfg.chat_vector_base, "instruct": cfg.chat_vector_instruct, "ratio": cfg.chat_vector_ratio}
+        if cfg.chat_vector_base else None, "data": cfg.data, "mix": cfg.mix, "seed": cfg.seed, "seq_len": cfg.seq_len}
+    with run_session(cfg) as d:
+        model_dir = cfg.model
+        if cfg.chat_vector_base:  # written once by the main process, in the run directory, before anything reads it
+            model_dir = str(Path(cfg.out) / "chat_vector")
+            if d.main and not (Path(model_dir) / MARKER).is_file():
+                print(f"chat vector: {cfg.model} + {cfg.chat_vector_ratio} * ({cfg.chat_vector_instruct} - "
+                      f"{cfg.chat_vector_base}) -> {model_dir}", flush=True)
+                add_chat_vector(cfg.model, cfg.chat_vector_base, cfg.chat_vector_instruct, model_dir,
+                                cfg.chat_vector_ratio)
             distributed.barrier(d)
-            spec = cfg.with_lora(full_spec(model_dir), cfg.seed)
-        source, info = build_chat_source(cfg.data, load_tokenizer(model_dir), cfg.seq_len, mix, cfg.seed, d.rank,
-                                         d.world_size, cfg.val_conversations)
+        source, info = build_chat_source(cfg.data, load_tokenizer(model_dir), cfg.seq_len,
+                                         parse_mix(cfg.mix) if cfg.mix else None, cfg.seed, d.rank, d.world_size,
+                                         cfg.val_conversations)
         if cfg.epochs is not None:
             conversations = sum(i.train for i in info.values())
             per_step = cfg.batch_size * cfg.grad_accum * d.world_size
@@ -112,12 +102,9 @@ def sft(cfg: SFTConfig) -> Path:
             if d.main:
                 print(f"sft: {cfg.epochs} epoch(s) of {conversations:,} conversations = {cfg.max_steps} steps",
                       flush=True)
-        return source
-
-    provenance = {"stage": "sft", "model": cfg.model, "chat_vector": {
-        "base": cfg.chat_vector_base, "instruct": cfg.chat_vector_instruct, "ratio": cfg.chat_vector_ratio}
-        if cfg.chat_vector_base else None, "data": cfg.data, "mix": cfg.mix, "seed": cfg.seed, "seq_len": cfg.seq_len}
-    return run_stage(cfg, lambda: spec, build_source, "sft", provenance)
+        spec = cfg.with_lora(full_spec(model_dir), cfg.seed)
+        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, cfg.cpu_offload)
+        return fit(cfg, model, spec, source, d, "sft", provenance)
 
 
 def main(argv: list[str] | None = None) -> None:

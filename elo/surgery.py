@@ -7,22 +7,23 @@ splicing is a copy by name.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from elo.hf.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config, memory_name, resolve,
-                            rewrite_checkpoint, write_config, write_shards)
 from elo.config import ModelConfig
-from elo.tools.files import atomic_dir, check_output_dir
+from elo.hf.checkpoint import (INDEX_NAME, CheckpointReader, copy_side_files, disk_name, load_config,
+                               rewrite_checkpoint, write_config, write_shards)
+from elo.hf.hub import resolve
 from elo.model import Transformer
+from elo.tools.files import atomic_dir, check_output_dir
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # weights in any format: a spliced checkpoint must not carry the base's stale copies of them
@@ -53,19 +54,6 @@ def parse_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
     return sorted(ids)
 
 
-def fingerprint(norm_weight: Tensor, embed_rows: Tensor) -> str:
-    """Identity of a base model: the final norm and the first embedding rows, rounded to bf16 so that fp32 and
-    bf16 loads of one checkpoint agree."""
-    h = hashlib.sha256()
-    for t in (norm_weight, embed_rows):
-        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _model_fingerprint(model: Transformer) -> str:
-    return fingerprint(model.model.norm.weight, model.model.embed_tokens.weight[:4])
-
-
 def _sub_config(base: ModelConfig, ids: list[int], base_name: str | None, fp: str) -> ModelConfig:
     if base.elo is not None:
         raise ValueError(f"this model is already an ELO submodel of {base.elo['base']!r}; detach from the full model")
@@ -84,7 +72,7 @@ def _keep(name: str, ids: list[int]) -> bool:
 def detach(model: Transformer, layers: Sequence[int] | str) -> Transformer:
     """A standalone copy of the embedding, the given decoder layers (1-based), the final norm and the head."""
     ids = parse_layers(layers, model.config.num_hidden_layers)
-    config = _sub_config(model.config, ids, model.name_or_path, _model_fingerprint(model))
+    config = _sub_config(model.config, ids, model.name_or_path, model.fingerprint())
     state = {n: t.detach().clone() for n, t in model.state_dict().items() if _keep(n, ids)}
     sub = Transformer.from_state_dict(config, state)
     sub.name_or_path = model.name_or_path
@@ -110,30 +98,57 @@ def _check_base(sub: ModelConfig, base: ModelConfig, base_fp: str, where: str) -
 def splice(model: Transformer, sub: Transformer) -> Transformer:
     """Copy the submodel's layers (and its embedding, norm and head, changed only if they were trained) into
     `model`, in place."""
-    _check_base(sub.config, model.config, _model_fingerprint(model), "the target model")
+    _check_base(sub.config, model.config, model.fingerprint(), "the target model")
     target = model.state_dict()
     for name, t in sub.state_dict().items():
         target[name].copy_(t)
     return model
 
 
-def _detached(src: str | os.PathLike, layers: Sequence[int] | str) -> tuple[ModelConfig, CheckpointReader, list[str]]:
-    """The submodel's config and the names of the checkpoint tensors it needs (nothing read but norm and 4 rows)."""
-    directory = resolve(src)
-    base = load_config(directory)
-    reader = CheckpointReader(directory)
-    ids = parse_layers(layers, base.num_hidden_layers)
-    fp = fingerprint(reader.get("model.norm.weight"), reader.get_rows("model.embed_tokens.weight", 4))
-    names = [n for n in reader.keys() if _keep(n, ids) and "rotary_emb" not in n]
-    return _sub_config(base, ids, str(src), fp), reader, names
+@dataclass
+class Selection:
+    """A model as a selection of checkpoint tensors: its config, and for each parameter (by its name in memory) the
+    reader and the name on disk to read it from. Nothing is read but headers, the final norm and 4 embedding rows;
+    in-memory surgery, checkpoint-to-checkpoint surgery and sharded training (elo.train.build) all read through it."""
+    config: ModelConfig
+    tensors: dict[str, tuple[CheckpointReader, str]]
+    reader: CheckpointReader  # the checkpoint the rest comes from: dtype, tokenizer and side files
+
+
+def select_full(src: str | os.PathLike | CheckpointReader) -> Selection:
+    """Every tensor of a model."""
+    reader = src if isinstance(src, CheckpointReader) else CheckpointReader(resolve(src))
+    config = load_config(reader.directory)
+    return Selection(config, {n: (reader, disk_name(n, config)) for n in reader.names_for(config)}, reader)
+
+
+def select_detached(src: str | os.PathLike, layers: Sequence[int] | str) -> Selection:
+    """ELO's submodel of the full model `src`: embedding, the given decoder layers (1-based), final norm and head."""
+    reader = CheckpointReader(resolve(src))
+    base = load_config(reader.directory)
+    config = _sub_config(base, parse_layers(layers, base.num_hidden_layers), str(src), reader.fingerprint())
+    return Selection(config, {n: (reader, n) for n in reader.names_for(base) if _keep(n, config.layer_ids)}, reader)
+
+
+def select_spliced(base: str | os.PathLike, sub: str | os.PathLike) -> Selection:
+    """The base model with a trained ELO submodel's tensors in place of its own, checked to be the base the
+    submodel was detached from."""
+    base_reader = CheckpointReader(resolve(base))
+    full, part = select_full(base_reader), select_full(sub)
+    _check_base(part.config, full.config, base_reader.fingerprint(), str(base))
+    unknown = sorted(set(part.tensors) - set(full.tensors))
+    if unknown:
+        raise ValueError(f"submodel tensors {unknown[:3]} have no counterpart in the base checkpoint {base}")
+    return Selection(full.config, {**full.tensors, **part.tensors}, base_reader)
 
 
 def load_detached(src: str | os.PathLike, layers: Sequence[int] | str, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu") -> Transformer:
     """`detach(load_model(src), layers)`, reading only the tensors the submodel needs (two layers of a 70B model
     are read, not seventy billion parameters)."""
-    config, reader, names = _detached(src, layers)
-    sub = Transformer.from_state_dict(config, {n: reader.get(n).to(device=device, dtype=dtype) for n in names})
+    selection = select_detached(src, layers)
+    sub = Transformer.from_state_dict(selection.config, {n: reader.get(name).to(device=device, dtype=dtype)
+                                                         for n, (reader, name) in selection.tensors.items()})
     sub.name_or_path = str(src)
     return sub
 
@@ -141,12 +156,13 @@ def load_detached(src: str | os.PathLike, layers: Sequence[int] | str, dtype: to
 def detach_checkpoint(src: str | os.PathLike, layers: Sequence[int] | str, out: str | os.PathLike) -> Path:
     """`detach` from checkpoint to checkpoint, reading only the tensors the submodel needs."""
     check_output_dir(out, "output directory")
-    config, reader, names = _detached(src, layers)
-    dtype = reader.get_rows("model.embed_tokens.weight", 1).dtype
+    selection = select_detached(src, layers)
+    config, tensors, reader = selection.config, selection.tensors, selection.reader
+    dtype = reader.info("model.embed_tokens.weight")[1]
 
     def fill(tmp: Path) -> None:
-        layout = [(disk_name(n, config), *reader.info(n)) for n in names]
-        write_shards(layout, ((disk_name(n, config), reader.get(n)) for n in names), tmp)
+        layout = [(disk_name(n, config), *r.info(name)) for n, (r, name) in tensors.items()]
+        write_shards(layout, ((disk_name(n, config), r.get(name)) for n, (r, name) in tensors.items()), tmp)
         write_config(config, dtype, tmp)
         copy_side_files(reader.directory, tmp)
 
@@ -158,15 +174,10 @@ def splice_checkpoint(base: str | os.PathLike, sub: str | os.PathLike, out: str 
     replacing the tensors the submodel holds; shard layout, config, tokenizer and every other non-weight file
     (README.md, licence...) are the base's, so splicing in place loses nothing but the replaced tensors."""
     check_output_dir(out, "output directory")
-    base_dir, sub_dir = resolve(base), resolve(sub)
-    base_config, sub_config = load_config(base_dir), load_config(sub_dir)
-    base_reader, sub_reader = CheckpointReader(base_dir), CheckpointReader(sub_dir)
-    fp = fingerprint(base_reader.get("model.norm.weight"), base_reader.get_rows("model.embed_tokens.weight", 4))
-    _check_base(sub_config, base_config, fp, str(base))
-    replacements = {memory_name(n, sub_config): sub_reader.get(n) for n in sub_reader.keys()}
-    unknown = sorted(set(replacements) - set(base_reader.keys()))
-    if unknown:
-        raise ValueError(f"submodel tensors {unknown[:3]} have no counterpart in the base checkpoint {base_dir}")
+    selection = select_spliced(base, sub)
+    base_reader, base_dir = selection.reader, selection.reader.directory
+    # the base's own tensors are read while streaming; the submodel's (a few layers) replace them by name
+    replacements = {name: r.get(disk) for name, (r, disk) in selection.tensors.items() if r is not base_reader}
 
     def replace(name: str, t: Tensor) -> Tensor:
         new = replacements.get(name)

@@ -1,16 +1,25 @@
-"""Shared fixtures: tiny random Llama / Mistral / Qwen2 checkpoints built and saved (sharded) by transformers."""
+"""Shared fixtures: tiny random Llama / Mistral / Qwen2 checkpoints built and saved (sharded) by transformers; where
+the data lives (../shared/data, the bundled sample); an offline Hugging Face cache laid out as the Hub's."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants as hub_constants
+
+from elo.evaluation.tasks import HUB_REVISION
 
 if "OMP_NUM_THREADS" not in os.environ:  # CI: use both cores; a busy dev box may ask for fewer
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the big corpora: beside the repository in development
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data"  # the bundled sample: same layout, in every clone
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5)
 
@@ -71,8 +80,6 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_with_tokenizer(tmp_path_factory):
     """A tiny random Llama with SmolLM2's vocabulary and its real tokenizer files (for the scripts end to end)."""
-    import shutil
-
     import transformers
 
     import elo
@@ -102,3 +109,54 @@ def save_then_die(*args, **kwargs):
 r.RunDir.save = save_then_die
 elo.{stage}.main(sys.argv[1:])
 """
+
+
+def pretrain_file(name: str) -> Path:
+    """`pretrain/<name>`: ../shared/data's whole corpus when it is there, else the bundled sample's first part of it
+    (which may not exist: the sample has Korean and English only)."""
+    shared = DATA / "pretrain" / name
+    return shared if shared.is_file() else SAMPLE / "pretrain" / name
+
+
+def write_hub_cache(cache: Path, dataset: str, files: dict[str, list[dict]]) -> None:
+    """`dataset`'s parquet export as huggingface_hub caches it: refs/<revision> names the commit, snapshots/<commit>/
+    holds the files ({config}/{split}/0000.parquet -> rows)."""
+    import pyarrow  # optional (the hub extra): offline_hub skips without it
+    import pyarrow.parquet
+
+    repo = cache / f"datasets--{dataset.replace('/', '--')}"
+    commit = hashlib.sha1(dataset.encode()).hexdigest()
+    (repo / "refs" / HUB_REVISION).parent.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / HUB_REVISION).write_text(commit)
+    for name, rows in files.items():
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline. huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE into its constants
+    when imported (setting the environment later changes nothing), so the constants are set too."""
+    pytest.importorskip("pyarrow", reason="the Hub's parquet files need the hub extra (pyarrow)")
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def run_env(tmp_path_factory, tiny_with_tokenizer):
+    """A tiny random Llama with the real SmolLM2 tokenizer, small ko/en corpora from the bundled sample."""
+    root = tmp_path_factory.mktemp("train")
+    shutil.copytree(tiny_with_tokenizer, root / "model")
+    data = {}
+    for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
+        with open(SAMPLE / "pretrain" / file, encoding="utf-8") as f:
+            lines = [json.dumps({"text": json.loads(next(f))["text"][:3000]}) for _ in range(20)]
+        data[lang] = root / f"{lang}.jsonl"
+        data[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = dict(os.environ, ELO_CACHE=str(root / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return root, data, env

@@ -17,7 +17,7 @@ from elo.tools.cli import parse_config
 from elo.hf.checkpoint import CheckpointReader, load_config, memory_name
 from elo.data.text import build_dataset
 from elo.pretrain import config_from_args, train
-from tests.conftest import DATA, killer, perturb_
+from tests.conftest import SAMPLE, killer, perturb_
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, EVAL_BATCHES, VAL_TOKENS = 32, 2, 2, 193
@@ -43,12 +43,10 @@ def _tiny_with_tokenizer(arch: str, directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
     root = tmp_path_factory.mktemp("align")
     data = {}
     for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
-        with open(DATA / "pretrain" / file, encoding="utf-8") as f:
+        with open(SAMPLE / "pretrain" / file, encoding="utf-8") as f:
             lines = [json.dumps({"text": json.loads(next(f))["text"][:1500]}) for _ in range(12)]
         data[lang] = root / f"{lang}.jsonl"
         data[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -196,7 +194,7 @@ def test_two_processes_match_one_and_sharded_loading_is_exact(env, elo_runs, tmp
     assert worst <= 1e-6, worst
     check = tmp_path / "check.py"
     check.write_text(
-        "import torch, elo\nfrom elo import distributed\nfrom elo.train.build import full_spec, materialize\n"
+        "import torch, elo\nfrom elo.train import distributed\nfrom elo.train.build import full_spec, materialize\n"
         f"d = distributed.init()\nm = materialize(full_spec({str(env[2]['llama'])!r}), d)\n"
         f"full = elo.load_model({str(env[2]['llama'])!r})\nref = dict(full.named_parameters())\n"
         "for n, p in m.named_parameters():\n"
@@ -258,3 +256,22 @@ def test_bad_input_is_one_line_before_any_model_loads(env, elo_runs, tmp_path, m
 def test_parse_tokens():
     assert parse_tokens("300M", None) == 300_000_000 and parse_tokens("2.5e6", None) == 2_500_000
     assert parse_tokens("11%", 1000) == 110 and parse_tokens("40000", None) == 40000
+
+
+def test_warmup_follows_the_budget_and_the_world_size_is_an_argument(tmp_path, tiny_llama):
+    """Alignment's default warmup is a tenth of its steps (at least 1): a short budget still reaches --lr. The step
+    count comes from the budget and the number of processes the caller names (no environment is read)."""
+    from elo.align import AlignConfig, plan
+
+    sub = tmp_path / "sub"
+    elo.detach_checkpoint(tiny_llama[0], "1,4", sub)
+    data = {"ko": [str(SAMPLE / "pretrain" / "ko_wikipedia.jsonl")]}
+    for world, steps, warmup in ((1, 32, 3), (4, 8, 1)):
+        cfg = AlignConfig(elo=str(sub), base=str(tiny_llama[0]), out=str(tmp_path / "out"), data=data, tokens="4096",
+                          seq_len=32, batch_size=4)
+        plan(cfg, world_size=world)
+        assert (cfg.max_steps, cfg.warmup_steps) == (steps, warmup)
+    cfg = AlignConfig(elo=str(sub), base=str(tiny_llama[0]), out=str(tmp_path / "out"), data=data, max_steps=5,
+                      warmup_steps=3)
+    plan(cfg, world_size=1)
+    assert (cfg.max_steps, cfg.warmup_steps) == (5, 3)  # given values stay

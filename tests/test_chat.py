@@ -522,7 +522,7 @@ def test_smollm2_template_is_the_gguf_one():
 def test_default_model_end_to_end():
     """The real default model's tokenizer: same text and same ids as transformers' apply_chat_template."""
     tokenizer_mod = pytest.importorskip("elo.hf.tokenizer")
-    from elo.hf.checkpoint import resolve
+    from elo.hf.hub import resolve
     from elo.hf.default_model import DEFAULT_MODEL
     from transformers import AutoTokenizer
 

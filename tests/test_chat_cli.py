@@ -49,7 +49,7 @@ def chat(model_dir: Path, lines: list[str], monkeypatch, *args: str) -> list[tup
             tokens.append(token)
             yield i, token
 
-    monkeypatch.setattr(elo.evaluation.generate, "stream", spy)
+    monkeypatch.setattr(elo.chat, "stream", spy)  # where the chat command looks it up
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
     elo.chat.main(["--model", str(model_dir), "--max-new-tokens", "12", *args])
     return calls

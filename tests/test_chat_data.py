@@ -12,6 +12,7 @@ import elo
 from elo.data.chat_templates import tokenize_chats
 from elo.data.chat_data import ChatSet, ChatSource, LENGTH_GROUP, build_chat_source, pack, read_chats
 from elo.hf.tokenizer import load_tokenizer
+from tests.conftest import SAMPLE
 
 
 def write_jsonl(path, records):
@@ -272,14 +273,11 @@ def test_val_batches_cover_the_held_out_set():
         next(s.val_batches("ja", 2))
 
 
-@pytest.mark.slow
-def test_build_on_shared_data_mixes_korean_and_english_one_to_one(tokenizer):
-    from tests.conftest import DATA
-
-    sft = DATA / "sft"
+def test_build_on_the_bundled_chats_mixes_korean_and_english_one_to_one(tokenizer):
+    sft = SAMPLE / "sft"
     source, info = build_chat_source({"ko": [sft / "ko_chatbot_data.jsonl"],
                                       "en": [sft / "en_self_instruct_seed_tasks.jsonl"]}, tokenizer, 512, None, 0)
-    assert info["ko"].conversations == 11823 and info["en"].conversations == 175
+    assert info["ko"].conversations == 296 and info["en"].conversations == 175
     assert info["ko"].unaligned == info["en"].unaligned == 0
     batch = source.next_batch(8)
     assert sorted(batch.langs) == ["en"] * 4 + ["ko"] * 4

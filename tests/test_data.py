@@ -17,8 +17,7 @@ import torch
 from elo.data import text as data
 from elo.data.text import (Corpus, MixtureSampler, build_dataset, default_val_tokens, parse_data, parse_mix,
                       read_documents, resolve_mix, tokenize_files)
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import DATA, SAMPLE
 
 
 class ByteTokenizer:
@@ -82,7 +81,7 @@ def test_read_errors_name_file_and_line(tmp_path, name, content, error, message)
 
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"data file not found: {missing}")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"file {missing} not found")):
         list(read_documents(missing))
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         build_dataset({"ko": [missing]}, ByteTokenizer(), 4, {"ko": 1}, 0, cache_dir=tmp_path / "cache")
@@ -173,9 +172,10 @@ def test_truncated_cache_is_rebuilt(tmp_path):
         assert tokens.tolist() == expected_tokens(DOCS) and cache.stat().st_size == size
 
 
-def test_data_directory_is_named_as_a_directory(tmp_path):
+def test_data_directory_without_data_files_is_named(tmp_path):
     (tmp_path / "corpus").mkdir()
-    with pytest.raises(ValueError, match=r"data path .*corpus is a directory; expected a .jsonl or .txt file"):
+    (tmp_path / "corpus" / "README.md").write_text("not data")
+    with pytest.raises(FileNotFoundError, match=r".*corpus: a directory without \.jsonl, \.txt or \.parquet files"):
         tokenize_files([tmp_path / "corpus"], ByteTokenizer(), tmp_path / "cache")
 
 
@@ -275,8 +275,8 @@ def test_resolve_mix():
 
 
 def test_parse_data():
-    assert parse_data(["ko=a.jsonl", "en=b.txt", "ko=c.jsonl"]) == {
-        "ko": [Path("a.jsonl"), Path("c.jsonl")], "en": [Path("b.txt")]}
+    assert parse_data(["ko=a.jsonl", "en=b.txt", "ko=hf://datasets/o/n/*.parquet"]) == {
+        "ko": ["a.jsonl", "hf://datasets/o/n/*.parquet"], "en": ["b.txt"]}
     for bad in ("ko", "=a.jsonl", "ko="):
         with pytest.raises(ValueError, match=re.escape(f"bad --data {bad!r}")):
             parse_data([bad])
@@ -414,8 +414,6 @@ def test_rank0_tokenizes_before_the_other_ranks(tmp_path, monkeypatch):
 def test_real_tokenizer_cache_matches_encode(tmp_path):
     if importlib.util.find_spec("elo.hf.tokenizer") is None:
         pytest.skip("elo.hf.tokenizer not written yet")
-    if not (DATA / "pretrain").is_dir():
-        pytest.skip("shared/data/pretrain not present")
     from elo.hf.default_model import DEFAULT_MODEL
     from elo.hf.tokenizer import load_tokenizer
 
@@ -425,7 +423,7 @@ def test_real_tokenizer_cache_matches_encode(tmp_path):
         pytest.skip(f"default model not available: {e}")
     texts = {}
     for lang, name in [("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")]:
-        docs = [d for _, d in zip(range(20), read_documents(DATA / "pretrain" / name))]
+        docs = [d for _, d in zip(range(20), read_documents(SAMPLE / "pretrain" / name))]
         texts[lang] = docs
         write_jsonl(tmp_path / name, docs)
     sampler, info = build_dataset({"ko": [tmp_path / "ko_wikipedia.jsonl"], "en": [tmp_path / "en_wikipedia.jsonl"]},

@@ -15,12 +15,12 @@ import torch
 from elo.hf import default_model as dm
 from elo.config import ModelConfig
 from elo.tools.files import MARKER
+from tests.conftest import pretrain_file
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 gguf = pytest.importorskip("gguf")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 EDGE_CASES = [
     "",
@@ -189,9 +189,9 @@ def test_token_ids_on_edge_cases(ours, hf_ours, reference_tokenizer) -> None:
 
 @pytest.mark.parametrize("name", ["ko_wikipedia", "en_wikipedia", "ja_aozora"])
 def test_token_ids_on_corpus(name: str, ours, hf_ours, reference_tokenizer) -> None:
-    path = DATA / "pretrain" / f"{name}.jsonl"
+    path = pretrain_file(f"{name}.jsonl")
     if not path.is_file():
-        pytest.skip(f"{path} not found")
+        pytest.skip(f"{path} not found (../shared/data is not present)")
     with path.open(encoding="utf-8") as f:
         docs = [json.loads(line)["text"][:1500] for line in itertools.islice(f, 200)]
     _check_same_ids(docs, ours, hf_ours, reference_tokenizer)

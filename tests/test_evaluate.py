@@ -11,11 +11,12 @@ import pytest
 import elo
 from elo.evaluation import evaluate
 from elo.evaluation import scoring
+from elo.evaluation import tasks
 from elo.tools.cli import run_main
-from tests.conftest import DATA
+from elo.tools.jsonl import read_jsonl
+from tests.conftest import SAMPLE, write_hub_cache
 
-EVAL = DATA / "eval"
-needs_data = pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval data not found under {EVAL}")
+EVAL = SAMPLE / "eval"  # the bundled KoBEST COPA items
 
 
 @pytest.fixture
@@ -28,7 +29,6 @@ def ppl_files(tmp_path):
     return texts, files
 
 
-@needs_data
 def test_results_file_holds_the_library_scores(tiny_with_tokenizer, ppl_files, tmp_path, capsys):
     texts, files = ppl_files
     out = tmp_path / "res" / "results.json"
@@ -82,6 +82,7 @@ def no_model(monkeypatch):
     (["--generate", "mt_bench_xx"], "unknown --generate benchmark 'mt_bench_xx'"),
     (["--generate", "mt_bench", "--judge-url", "http://localhost:1"], "--judge-url needs --judge-model"),
     (["--generate", "mt_bench", "--gen-batch", "0"], "--gen-batch must be >= 1, got 0"),
+    (["--generate", "mt_bench"], "--generate mt_bench reads its questions from --data-dir"),
     ([], "nothing to evaluate"),
     (["--compare", "/nonexistent/r.json"], "results file /nonexistent/r.json not found"),
 ])
@@ -122,7 +123,7 @@ def test_bad_option_values(option, message, ppl_files, no_model, tmp_path, capsy
 
 @pytest.mark.parametrize("argv, message", [
     (["--seq-len", "65"], "--seq-len 65 exceeds the model's context of 64 tokens"),
-    (["--max-new-tokens", "64", "--generate", "mt_bench"], "--max-new-tokens 64 leaves no room"),
+    (["--max-new-tokens", "64", "--generate", "mt_bench", "--data-dir", "."], "--max-new-tokens 64 leaves no room"),
     (["--ppl", "ko={en}"], "--ppl ko is given twice ({ko} and {en}); expected one file per language"),
     (["--ppl", "en={empty}"], "--ppl file {empty} has no text to score"),
     (["--ppl", "en={latin1}"], "{latin1}:2: not valid UTF-8"),
@@ -138,6 +139,26 @@ def test_bad_values_checked_against_the_model_and_files(argv, message, ppl_files
              *[a.format(**names) for a in argv]])
     assert message.format(**names) in one_line_error(capsys, e)
     assert not (tmp_path / "res.json").exists()
+
+
+def test_tasks_read_from_the_hub_score_as_from_the_data_dir(tiny_with_tokenizer, offline_hub, tmp_path):
+    """No --data-dir: KoBEST COPA from a Hugging Face cache of the Hub's parquet export (made from the bundled items,
+    in the Hub's columns) gives the results the bundled JSONL files give."""
+    copa = [{k: v for k, v in r.items() if k != "id"} for _, r in read_jsonl(EVAL / "kobest" / "copa_test.jsonl")]
+    write_hub_cache(offline_hub, tasks.KOBEST, {"copa/test/0000.parquet": copa})
+    common = ["--model", str(tiny_with_tokenizer), "--tasks", "kobest_copa", "--limit", "4"]
+    evaluate.main([*common, "--out", str(tmp_path / "hub.json")])
+    evaluate.main([*common, "--data-dir", str(EVAL), "--out", str(tmp_path / "dir.json")])
+    hub, data_dir = (json.loads((tmp_path / f).read_text()) for f in ("hub.json", "dir.json"))
+    assert hub["tasks"] == data_dir["tasks"] and hub["tasks"]["kobest_copa"]["n"] == 4
+    assert [Path(f).parent.parent.name for f in hub["data_files"]] == ["copa"]  # the cached parquet shard
+
+
+def test_uncached_hub_dataset_offline_is_a_one_line_error_before_the_model_loads(offline_hub, no_model, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["--model", "unused", "--tasks", "kobest_copa"])
+    err = one_line_error(capsys, e)
+    assert "Hub dataset skt/kobest_v1 (copa/test/*.parquet" in err and "pass --data-dir DIR" in err
 
 
 def test_command_line_error_is_one_line_and_debug_shows_the_traceback(tmp_path):

@@ -8,6 +8,8 @@ as the analytic count has it, before comparing.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -73,3 +75,18 @@ def test_elo_bound_on_a_smollm2_shaped_model():
     sub.requires_grad_(False)
     sub.model.layers.requires_grad_(True)
     assert train_flops_per_token(full, 512) / train_flops_per_token(sub, 512) == pytest.approx(5.40, abs=0.005)
+
+
+def test_peak_memory_is_per_stage():
+    """The pipeline runs stages in one process: a later stage's peak must not be an earlier one's."""
+    from elo.train.metrics import StepTimer
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs: the peak cannot be reset on this OS")
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MB, touched
+    del big
+    before = StepTimer.peak_memory_gb(cpu)
+    StepTimer.reset_peak_memory(cpu)
+    after = StepTimer.peak_memory_gb(cpu)
+    assert after < before - 0.2, (before, after)

@@ -141,7 +141,8 @@ def test_batched_greedy_on_the_default_model_equals_transformers_generate():
     from transformers import AutoModelForCausalLM
 
     from elo.data.chat_templates import render_chat
-    from elo.hf.checkpoint import load_model, resolve
+    from elo.hf.checkpoint import load_model
+    from elo.hf.hub import resolve
     from elo.hf.default_model import DEFAULT_MODEL
     from elo.hf.tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ DATA = {"ko": batches(0, 128, 0), "en": batches(128, 256, 1)}
 
 def test_block_influence_matches_transformers_hidden_states(tiny_llama):
     directory, hf = tiny_llama
-    scores = elo.extensions.layer_scores(elo.load_model(directory), DATA)
+    scores = elo.layer_scores(elo.load_model(directory), DATA)
     ids = torch.cat(DATA["ko"])
     with torch.no_grad():
         hs = hf(ids, output_hidden_states=True).hidden_states  # the last one has the final norm applied: skip it
@@ -35,7 +35,7 @@ def test_identity_layer_scores_zero(tiny_llama):
     with torch.no_grad():  # attention and MLP add nothing: layer 2 returns its input
         model.model.layers["1"].self_attn.o_proj.weight.zero_()
         model.model.layers["1"].mlp.down_proj.weight.zero_()
-    scores = elo.extensions.layer_scores(model, DATA)
+    scores = elo.layer_scores(model, DATA)
     for lang in ("ko", "en"):
         assert scores.influence[lang][1] == pytest.approx(0, abs=1e-12)
         assert min(scores.influence[lang][i] for i in (0, 2, 3)) > 1e-3
@@ -44,15 +44,15 @@ def test_identity_layer_scores_zero(tiny_llama):
 
 def test_scores_do_not_depend_on_batch_order(tiny_llama):
     model = elo.load_model(tiny_llama[0])
-    a = elo.extensions.layer_scores(model, DATA)
-    b = elo.extensions.layer_scores(model, {"en": DATA["en"][::-1], "ko": DATA["ko"][::-1]})
+    a = elo.layer_scores(model, DATA)
+    b = elo.layer_scores(model, {"en": DATA["en"][::-1], "ko": DATA["ko"][::-1]})
     assert b.influence["ko"] == pytest.approx(a.influence["ko"], rel=1e-12)
     assert b.influence["en"] == pytest.approx(a.influence["en"], rel=1e-12)
     assert b.shift == pytest.approx(a.shift, rel=1e-12)
 
 
 def test_suggested_layers_and_table(tiny_llama):
-    scores = elo.extensions.layer_scores(elo.load_model(tiny_llama[0]), DATA, k=3)
+    scores = elo.layer_scores(elo.load_model(tiny_llama[0]), DATA, k=3)
     bi = scores.influence["ko"]
     assert scores.target == "ko" and scores.suggested == sorted(sorted(range(1, 5), key=lambda n: -bi[n - 1])[:3])
     table = scores.table().splitlines()
@@ -62,7 +62,7 @@ def test_suggested_layers_and_table(tiny_llama):
 
 def test_texts_with_a_tokenizer(tiny_with_tokenizer):
     model, tok = elo.load_model(tiny_with_tokenizer), elo.load_tokenizer(tiny_with_tokenizer)
-    scores = elo.extensions.layer_scores(model, {"ko": ["안녕하세요, 세계."] * 3, "en": ["Hello, world."] * 3}, tokenizer=tok)
+    scores = elo.layer_scores(model, {"ko": ["안녕하세요, 세계."] * 3, "en": ["Hello, world."] * 3}, tokenizer=tok)
     assert scores.tokens["ko"] > scores.tokens["en"] > 0 and len(scores.suggested) == 2
 
 
@@ -75,10 +75,10 @@ def test_texts_with_a_tokenizer(tiny_with_tokenizer):
 ])
 def test_bad_input_is_a_one_line_error(tiny_llama, data, kwargs, message):
     with pytest.raises(ValueError) as e:
-        elo.extensions.layer_scores(elo.load_model(tiny_llama[0]), data, **kwargs)
+        elo.layer_scores(elo.load_model(tiny_llama[0]), data, **kwargs)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_refuses_a_submodel(tiny_llama):
     with pytest.raises(ValueError, match="needs the full model"):
-        elo.extensions.layer_scores(elo.load_detached(tiny_llama[0], [1, 4]), DATA)
+        elo.layer_scores(elo.load_detached(tiny_llama[0], [1, 4]), DATA)

@@ -10,8 +10,8 @@ import torch
 import elo
 from elo.data.text import Batch
 from elo.extensions.hidden import layer_states
-from elo.extensions.middle import MIDDLE_NAME
-from tests.conftest import DATA
+from elo.hf.checkpoint import MIDDLE_NAME
+from tests.conftest import SAMPLE
 
 
 class Affine(torch.nn.Module):
@@ -102,7 +102,7 @@ def test_texts_and_batches_fit_alike(tiny_with_tokenizer):
     from elo.data.text import read_documents, text_windows
 
     model, tok = elo.load_model(tiny_with_tokenizer), elo.load_tokenizer(tiny_with_tokenizer)
-    texts = [t[:400] for t in itertools.islice(read_documents(DATA / "pretrain" / "ko_wikipedia.jsonl"), 3)]
+    texts = [t[:400] for t in itertools.islice(read_documents(SAMPLE / "pretrain" / "ko_wikipedia.jsonl"), 3)]
     a = elo.fit_middle(model, [1, 4], texts, tokens=100, tokenizer=tok, seq_len=64)
     b = elo.fit_middle(model, [1, 4], text_windows(texts, tok, 64), tokens=100)
     assert torch.equal(a["3"].weight, b["3"].weight) and a.stats["r2"] == b.stats["r2"]
@@ -198,7 +198,7 @@ def test_default_model_surrogate_is_closer_to_the_full_model():
     from elo.data.text import read_documents, text_windows
 
     full, tok = elo.load_model(elo.DEFAULT_MODEL), elo.load_tokenizer(elo.DEFAULT_MODEL)
-    docs = read_documents(DATA / "pretrain" / "ko_wikipedia.jsonl")
+    docs = read_documents(SAMPLE / "pretrain" / "ko_wikipedia.jsonl")
     fit_texts = [t[:2000] for t in itertools.islice(docs, 6)]
     eval_ids = next(text_windows([t[:2000] for t in itertools.islice(docs, 2)], tok, 256))
     surrogate = elo.fit_middle(full, [1, 30], fit_texts, tokens=2500, tokenizer=tok, seq_len=256)

@@ -7,6 +7,7 @@ import torch
 
 import elo
 from elo.config import ModelConfig
+from tests.conftest import DATA, SAMPLE
 
 TOL = 1e-4  # fp32 CPU, max abs logit difference vs transformers
 
@@ -126,16 +127,16 @@ def default_model_dir():
     return elo.resolve(elo.DEFAULT_MODEL)
 
 
-def shared_texts(n: int = 2) -> dict[str, list[str]]:
-    from tests.conftest import DATA
-
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    files = {"ko": "ko_wikipedia.jsonl", "ja": "ja_aozora.jsonl", "en": "en_wikipedia.jsonl"}
+def real_texts(n: int = 2) -> dict[str, list[str]]:
+    """The first `n` documents per language: Korean and English from the bundled sample, Japanese from ../shared/data
+    when it is there (the sample has no Japanese)."""
+    files = {"ko": SAMPLE / "pretrain" / "ko_wikipedia.jsonl", "ja": DATA / "pretrain" / "ja_aozora.jsonl",
+             "en": SAMPLE / "pretrain" / "en_wikipedia.jsonl"}
     texts = {}
-    for lang, name in files.items():
-        with open(DATA / "pretrain" / name, encoding="utf-8") as f:
-            texts[lang] = [json.loads(next(f))["text"] for _ in range(n)]
+    for lang, path in files.items():
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                texts[lang] = [json.loads(next(f))["text"] for _ in range(n)]
     return texts
 
 
@@ -148,7 +149,7 @@ def test_default_model_logits_match_transformers(default_model_dir):
                                                            attn_implementation="sdpa").eval()
     model = elo.load_model(elo.DEFAULT_MODEL)
     tok = tokenizers.Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
-    for lang, texts in shared_texts().items():
+    for lang, texts in real_texts().items():
         ids = torch.tensor([tok.encode(t).ids[:128] for t in texts])
         with torch.no_grad():
             diff = (model(ids) - hf(ids).logits).abs().max().item()

@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setup.py installs it there)
+    import tomli as tomllib
+
 from elo.evaluation import evaluate
 from elo.pipeline import run as pipeline
 from elo.evaluation import scoring
 from elo.tools.cli import run_main
 from elo.data.text import Corpus, tokenize_files
 from elo.pipeline.report import write_report
-from tests.conftest import DATA
+from tests.conftest import DATA, SAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, VAL_TOKENS = 32, 97  # 3 held-out windows of 32 per language
@@ -76,23 +81,22 @@ data_dir = "{eval_dir}"
 
 @pytest.fixture(scope="module")
 def recipe(tiny_with_tokenizer, tmp_path_factory) -> Path:
-    """A quickstart-shaped recipe (every stage) over a tiny random model with SmolLM2's tokenizer and tiny data."""
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
+    """A quickstart-shaped recipe (every stage) over a tiny random model with SmolLM2's tokenizer and tiny data (cut
+    from the bundled sample)."""
     root = tmp_path_factory.mktemp("pipeline")
     for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
-        with open(DATA / "pretrain" / file, encoding="utf-8") as f:
+        with open(SAMPLE / "pretrain" / file, encoding="utf-8") as f:
             lines = [json.dumps({"text": json.loads(next(f))["text"][:1500]}) for _ in range(12)]
         (root / f"{lang}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for lang, file in (("ko", "ko_chatbot_data.jsonl"), ("en", "en_self_instruct_seed_tasks.jsonl")):
-        with open(DATA / "sft" / file, encoding="utf-8") as f:
+        with open(SAMPLE / "sft" / file, encoding="utf-8") as f:
             (root / f"{lang}_chat.jsonl").write_text("".join(next(f) for _ in range(40)), encoding="utf-8")
     path = root / "recipe.toml"
-    path.write_text((BASE + REST).format(model=tiny_with_tokenizer, eval_dir=DATA / "eval"), encoding="utf-8")
+    path.write_text((BASE + REST).format(model=tiny_with_tokenizer, eval_dir=SAMPLE / "eval"), encoding="utf-8")
     # the same train and align stages alone, evaluating only align (for the interruption test)
     (root / "short.toml").write_text((BASE + '[evaluate]\nmodels = ["align"]\ntasks = ["kobest_copa"]\nlimit = 6\n'
                                       'data_dir = "{eval_dir}"\n').format(model=tiny_with_tokenizer,
-                                                                          eval_dir=DATA / "eval"), encoding="utf-8")
+                                                                          eval_dir=SAMPLE / "eval"), encoding="utf-8")
     return path
 
 
@@ -233,28 +237,43 @@ def test_two_processes_run_under_torchrun_like_one(finished, recipe, tmp_path, c
                                                    abs=1e-4)
 
 
-def test_dry_run_on_every_recipe(tmp_path, monkeypatch, capsys):
-    """Every recipe in recipes/ plans and checks offline: hub ids are never downloaded (the hub is made to fail)."""
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Dry runs plan and check offline: hub ids are never downloaded (the hub is made to fail)."""
     import huggingface_hub
 
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-
-    def no_hub(*args, **kwargs):
+    def fail(*args, **kwargs):
         raise AssertionError("--dry-run tried to download from the hub")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+
+
+def dry_run(recipe: Path, out: Path, capsys) -> None:
+    pipeline.main([str(recipe), "--dry-run", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "dry run: every stage checked" in printed and ".py" in printed, recipe
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_quickstart_dry_run_reads_only_the_bundled_sample(no_hub, tmp_path, capsys):
+    """What a fresh clone has is enough: every data path of the quickstart is inside the repository."""
+    quickstart = REPO / "recipes" / "quickstart.toml"
+    dry_run(quickstart, tmp_path / "quickstart", capsys)
+    recipe = tomllib.loads(quickstart.read_text(encoding="utf-8"))
+    paths = [path for files in recipe["data"].values() for path in files.values()] + [recipe["evaluate"]["data_dir"]]
+    assert all((quickstart.parent / path).resolve().is_relative_to(REPO / "examples" / "data") for path in paths)
+
+
+def test_dry_run_on_every_recipe(no_hub, tmp_path, capsys):
+    if not DATA.is_dir():
+        pytest.skip("../shared/data is not present: the paper and study recipes train on it")
     recipes = sorted((REPO / "recipes").glob("*.toml"))
     assert {r.name for r in recipes} >= {"quickstart.toml", "llama3.1-8b-ko.toml", "mistral-7b-v0.3-ko.toml",
                                          "qwen2-7b-ko.toml", "llama3.1-8b-ja.toml"}
     study = sorted((REPO / "studies").glob("*/recipes/*.toml"))
     assert len(study) >= 10
     for r in recipes + study:
-        out = tmp_path / r.parent.parent.name / r.stem
-        pipeline.main([str(r), "--dry-run", "--out", str(out)])
-        printed = capsys.readouterr().out
-        assert "dry run: every stage checked" in printed and ".py" in printed, r
-        assert not out.exists()  # a dry run writes nothing
+        dry_run(r, tmp_path / r.parent.parent.name / r.stem, capsys)
 
 
 BAD = [
@@ -335,7 +354,7 @@ def test_ppl_heldout_scores_exactly_the_held_out_tokens(finished, tmp_path, monk
 
     monkeypatch.setattr(scoring, "loglikelihoods", capture)
     evaluate.main(["--model", str(finished / "align" / "model"), "--ppl-heldout", str(run), "--tasks", "kobest_copa",
-                   "--limit", "4", "--data-dir", str(DATA / "eval"), "--out", str(tmp_path / "r.json")])
+                   "--limit", "4", "--data-dir", str(SAMPLE / "eval"), "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err  # progress: per language, per task
     assert "held-out ko: 3/3 requests (100%)" in err and "task kobest_copa: 8/8 requests (100%)" in err
     scored = scored[:2]  # the held-out windows (then the task's requests)

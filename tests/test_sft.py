@@ -13,19 +13,17 @@ import torch
 from elo.hf.checkpoint import CheckpointReader
 from elo.tools.cli import run_main
 from elo.sft import main
-from tests.conftest import DATA, killer
+from tests.conftest import SAMPLE, killer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory, tiny_with_tokenizer):
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
     root = tmp_path_factory.mktemp("sft")
     files = {}
     for lang, name in (("ko", "ko_chatbot_data.jsonl"), ("en", "en_self_instruct_seed_tasks.jsonl")):
-        with open(DATA / "sft" / name, encoding="utf-8") as f:
+        with open(SAMPLE / "sft" / name, encoding="utf-8") as f:
             files[lang] = root / f"{lang}.jsonl"
             files[lang].write_text("".join(next(f) for _ in range(40)), encoding="utf-8")
     return root, files, tiny_with_tokenizer

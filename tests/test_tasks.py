@@ -1,27 +1,31 @@
 """Our tasks against lm-evaluation-harness's own task objects, built from its installed YAML with the dataset
 pointed at the local files (`dataset_path: json`): same contexts, continuations, gold labels, few-shot draws,
-token splits and metrics."""
+token splits and metrics. Then the Hub: documents read from a Hugging Face cache of the Hub's parquet export equal
+those read from a data dir of JSONL files."""
 from __future__ import annotations
 
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from elo.evaluation import tasks
 from elo.evaluation.scoring import encode_pair
-from elo.evaluation.tasks import TASKS, build_instances, compute_metrics
-from tests.conftest import DATA
+from elo.evaluation.tasks import TASKS, build_instances, compute_metrics, load_docs, split_files
+from elo.tools.jsonl import read_jsonl
+from tests.conftest import DATA, SAMPLE, write_hub_cache
 
-EVAL = DATA / "eval"
+# the whole benchmark data dir when ../shared is beside the repository, else the bundled KoBEST COPA sample
+EVAL = DATA / "eval" if (DATA / "eval").is_dir() else SAMPLE / "eval"
 LIMIT = 30  # documents per task and few-shot setting
-pytestmark = pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval data not found under {EVAL}")
 
-# our task -> (lm-eval YAML under lm_eval/tasks, {HF split name: our file})
+# our task -> (lm-eval YAML under lm_eval/tasks, {HF split name: our file}); lm-eval loads every split it names, and
+# KoBEST's validation split, never read (test is scored), points at the test file, which the bundled sample has too
 KOBEST = {name: (f"kobest/kobest_{name}.yaml",
-                 {"train": f"kobest/{name}_train.jsonl", "validation": f"kobest/{name}_dev.jsonl",
+                 {"train": f"kobest/{name}_train.jsonl", "validation": f"kobest/{name}_test.jsonl",
                   "test": f"kobest/{name}_test.jsonl"})
           for name in ("boolq", "copa", "wic", "hellaswag", "sentineg")}
 LM_EVAL_SOURCES = {
@@ -66,6 +70,8 @@ def lm_eval_task(tmp_path_factory):
     built = {}
 
     def get(name: str, k: int):
+        if not all((EVAL / f).is_file() for f in LM_EVAL_SOURCES[name][1].values()):
+            pytest.skip(f"{name}: its files are not in {EVAL} (all benchmarks are in ../shared/data/eval)")
         if name not in built:
             tmp = tmp_path_factory.mktemp(name)
             yaml_file, splits = LM_EVAL_SOURCES[name]
@@ -188,10 +194,10 @@ def test_group_is_weighted_by_size():
 def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'kobest_nope'; known tasks: mmlu, kobest_boolq"):
         tasks.expand(["kobest_nope"])
-    with pytest.raises(ValueError, match="MARC-ja is not in the data dir"):
+    with pytest.raises(ValueError, match="MARC-ja is not available"):
         tasks.expand(["marc_ja"])
-    with pytest.raises(ValueError, match="jnli needs 3 few-shot examples"):
-        build_instances(TASKS["jnli"], EVAL)  # lm-eval's default 3-shot needs JNLI train, which is absent
+    with pytest.raises(ValueError, match="jnli needs 3 few-shot examples from a train split that the data dir"):
+        build_instances(TASKS["jnli"], tmp_path)  # lm-eval's default 3-shot needs JNLI train, absent from data dirs
     with pytest.raises(FileNotFoundError, match="kobest/copa_test.jsonl not found"):
         build_instances(TASKS["kobest_copa"], tmp_path)
     bad = tmp_path / "kobest"
@@ -202,3 +208,138 @@ def test_bad_input_errors(tmp_path):
     (bad / "copa_test.jsonl").write_text('{"premise": "a"}\n')
     with pytest.raises(ValueError, match="copa_test.jsonl:1: record lacks field"):
         build_instances(TASKS["kobest_copa"], tmp_path)
+
+
+# ---- the Hub: a Hugging Face cache of each dataset's parquet export, offline ----
+
+# a data dir as today's files are (our `id` fields included), a few hand-written records per split
+DATA_DIR_RECORDS = {
+    "kobest/copa_test.jsonl": [
+        {"id": "t1", "premise": "아이가 우유를 엎질렀다.", "question": "결과", "alternative_1": "바닥이 젖었다.",
+         "alternative_2": "해가 떴다.", "label": 0},
+        {"id": "t2", "premise": "남자가 우산을 폈다.", "question": "원인", "alternative_1": "배가 고팠다.",
+         "alternative_2": "비가 내리기 시작했다.", "label": 1},
+    ],
+    "kobest/copa_train.jsonl": [
+        {"id": f"r{i}", "premise": f"문장 {i}.", "question": ("원인", "결과")[i % 2], "alternative_1": f"첫째 {i}.",
+         "alternative_2": f"둘째 {i}.", "label": i % 2} for i in range(4)
+    ],
+    "mmlu/test_12subjects.jsonl": [
+        {"subject": "astronomy", "question": "What is the closest star to Earth?",
+         "choices": ["Proxima Centauri", "The Sun", "Sirius", "Vega"], "answer": 1},
+        {"subject": "marketing", "question": "What are the 4 Ps of marketing? ",
+         "choices": ["Product, price, place, promotion", "People, plan, price, pay", "A", "B"], "answer": 0},
+        {"subject": "astronomy", "question": "Which planet has the most moons?",
+         "choices": ["Earth", "Mars", "Venus", "Saturn"], "answer": 3},
+    ],
+    "mmlu/dev_12subjects.jsonl": [
+        {"subject": "marketing", "question": "Branding is part of", "choices": ["HR", "product", "audit", "tax"],
+         "answer": 1},
+        {"subject": "astronomy", "question": "The Moon orbits", "choices": ["Mars", "the Sun", "Earth", "Venus"],
+         "answer": 2},
+    ],
+    "jglue/jcommonsenseqa_v1.3_valid.jsonl": [
+        {"q_id": 8939, "question": "電子機器で使用される最も主要な電子回路基板の事をなんと言う？", "choice0": "掲示板",
+         "choice1": "パソコン", "choice2": "マザーボード", "choice3": "ハードディスク", "choice4": "まな板", "label": 2},
+    ],
+    "jglue/jcommonsenseqa_v1.3_train.jsonl": [
+        {"q_id": i, "question": f"質問{i}？", **{f"choice{c}": f"選択{i}-{c}" for c in range(5)}, "label": i % 5}
+        for i in range(4)
+    ],
+    "jglue/jnli_v1.3_valid.jsonl": [
+        {"sentence_pair_id": "0", "yjcaptions_id": "100124-104404-104405", "sentence1": "二人の男性がジャンボジェット機を見ています。",
+         "sentence2": "2人の男性が、白い飛行機を眺めています。", "label": "neutral"},
+        {"sentence_pair_id": "1", "yjcaptions_id": "100124-104405-104404", "sentence1": "2人の男性が、白い飛行機を眺めています。",
+         "sentence2": "二人の男性がジャンボジェット機を見ています。", "label": "entailment"},
+    ],
+}
+# task -> few-shot examples the comparison draws (from the data dir: JNLI has no train there)
+COMPARED = {"kobest_copa": 3, "mmlu_astronomy": 1, "mmlu_marketing": 1, "jcommonsenseqa": 3, "jnli": 0}
+
+
+def as_on_the_hub(name: str, record: dict) -> dict:
+    """A data dir record as the Hub's parquet export has it: KoBEST without our `id` field, JNLI's label as the
+    ClassLabel id of the HF JGLUE dataset (MMLU and JCommonsenseQA records are the Hub's rows unchanged)."""
+    if name.startswith("kobest_"):
+        return {k: v for k, v in record.items() if k != "id"}
+    if name == "jnli":
+        return {**record, "label": tasks.JNLI_LABELS.index(record["label"])}
+    return record
+
+
+def cache_as_on_the_hub(cache: Path, data_dir_records: dict[str, list[dict]], names: list[str]) -> None:
+    """The tasks' splits, made from data dir records, into a Hub-layout cache (MMLU: one config per subject)."""
+    for name in names:
+        task = TASKS[name]
+        splits = {task.hub.eval_split: task.eval_file, task.hub.fewshot_split: task.fewshot_file}
+        write_hub_cache(cache, task.hub.dataset, {
+            f"{task.hub.config}/{split}/0000.parquet":
+                [as_on_the_hub(name, r) for r in data_dir_records[file] if task.keep is None or task.keep(r)]
+            for split, file in splits.items() if file in data_dir_records})
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_hub_source_is_lm_evals(name):
+    """Every task reads the dataset, config and splits lm-eval's YAML names (JGLUE: the stand-in for Rakuten/JGLUE)."""
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / LM_EVAL_SOURCES[name][0])
+    hub = TASKS[name].hub
+    assert {"Rakuten/JGLUE": tasks.JGLUE}.get(cfg["dataset_path"], cfg["dataset_path"]) == hub.dataset
+    assert cfg["dataset_name"] == hub.config
+    assert (cfg.get("test_split") or cfg["validation_split"]) == hub.eval_split
+    assert (cfg.get("fewshot_split") or cfg["training_split"]) == hub.fewshot_split
+
+
+def test_hub_documents_equal_the_data_dirs(offline_hub, tmp_path):
+    data_dir = tmp_path / "eval"
+    for file, records in DATA_DIR_RECORDS.items():
+        (data_dir / file).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / file).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    cache_as_on_the_hub(offline_hub, DATA_DIR_RECORDS, list(COMPARED))
+    for name, k in COMPARED.items():
+        task = TASKS[name]
+        assert all(offline_hub in f.parents for f in tasks.data_files(task, None, k))
+        for fewshot in (False, True) if k else (False,):
+            hub_docs = load_docs(task, split_files(task, None, fewshot))
+            assert hub_docs == load_docs(task, split_files(task, data_dir, fewshot)) and hub_docs, (name, fewshot)
+        assert build_instances(task, None, k) == build_instances(task, data_dir, k), name
+
+
+@pytest.mark.skipif(not (DATA / "eval").is_dir(), reason="../shared/data/eval (all benchmark files) is not present")
+@pytest.mark.parametrize("name", ["kobest_copa", "mmlu_astronomy", "jcommonsenseqa", "jnli"])
+def test_hub_documents_equal_the_shared_files(name, offline_hub):
+    """The same on every record of the shared benchmark files, converted to the Hub's columns."""
+    task = TASKS[name]
+    files = [f for f in (task.eval_file, task.fewshot_file) if f is not None]
+    records = {f: [r for _, r in read_jsonl(DATA / "eval" / f)] for f in files}
+    cache_as_on_the_hub(offline_hub, records, [name])
+    for fewshot in (False, True) if task.fewshot_file else (False,):
+        hub_docs = load_docs(task, split_files(task, None, fewshot))
+        assert hub_docs == load_docs(task, split_files(task, DATA / "eval", fewshot)), fewshot
+
+
+def test_jnli_draws_its_few_shot_examples_from_the_hubs_train_split(offline_hub):
+    jnli = DATA_DIR_RECORDS["jglue/jnli_v1.3_valid.jsonl"]
+    rows = [as_on_the_hub("jnli", r) for r in jnli] * 2
+    write_hub_cache(offline_hub, tasks.JGLUE, {f"JNLI/{split}/0000.parquet": rows for split in ("validation", "train")})
+    instances = build_instances(TASKS["jnli"], None)  # lm-eval's default: 3 shots
+    assert instances[0].context.count("### 応答：") == 4
+
+
+def test_hub_errors_are_one_line_and_name_the_dataset(offline_hub, monkeypatch):
+    copa = TASKS["kobest_copa"]
+    with pytest.raises(FileNotFoundError) as e:
+        split_files(copa, None)  # offline, and nothing cached
+    message = str(e.value)
+    assert message.startswith("Hub dataset skt/kobest_v1 (copa/test/*.parquet at refs/convert/parquet) is not in the "
+                              "Hugging Face cache") and "pass --data-dir DIR" in message and "\n" not in message
+    write_hub_cache(offline_hub, tasks.KOBEST, {"copa/test/0000.parquet": [{"premise": "a", "label": 0}]})
+    with pytest.raises(ValueError, match=r"0000.parquet row 0: record lacks field\(s\) question, alternative_1"):
+        load_docs(copa, split_files(copa, None))
+    with pytest.raises(FileNotFoundError, match="Hub dataset skt/kobest_v1 has no files copa/train/"):
+        split_files(copa, None, fewshot=True)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if the hub extra were not installed
+    with pytest.raises(ValueError, match=r'needs pyarrow; install it with pip install -e "\.\[hub\]"'):
+        split_files(copa, None)

@@ -9,8 +9,6 @@ import functools
 import importlib.util
 import io
 import json
-import sys
-import types
 import unicodedata
 from itertools import islice
 from pathlib import Path
@@ -331,9 +329,7 @@ def test_merge_tiktoken_would_not_take_error(smollm2_dir, tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_name_resolved_through_checkpoint(spm_dir, monkeypatch):
+def test_name_resolved_through_hub(spm_dir, monkeypatch):
     directory, _ = spm_dir
-    fake = types.ModuleType("elo.hf.checkpoint")
-    fake.resolve = lambda name: directory if name == "some-model" else None
-    monkeypatch.setitem(sys.modules, "elo.hf.checkpoint", fake)
+    monkeypatch.setattr("elo.hf.tokenizer.resolve", lambda name: directory if name == "some-model" else None)
     assert load_tokenizer("some-model").digest == load_tokenizer(directory).digest

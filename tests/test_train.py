@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,26 +14,9 @@ import elo
 from elo.hf.checkpoint import CheckpointReader
 from elo.pretrain import TrainConfig, config_from_args, train
 from elo.train.loop import lr_at
-from tests.conftest import DATA, killer
+from tests.conftest import SAMPLE, killer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def run_env(tmp_path_factory, tiny_with_tokenizer):
-    """A tiny random Llama with the real SmolLM2 tokenizer, small ko/en corpora from ../shared/data."""
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    root = tmp_path_factory.mktemp("train")
-    shutil.copytree(tiny_with_tokenizer, root / "model")
-    data = {}
-    for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
-        with open(DATA / "pretrain" / file, encoding="utf-8") as f:
-            lines = [json.dumps({"text": json.loads(next(f))["text"][:3000]}) for _ in range(20)]
-        data[lang] = root / f"{lang}.jsonl"
-        data[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    env = dict(os.environ, ELO_CACHE=str(root / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return root, data, env
 
 
 def args(run_env, out, *extra):
@@ -160,14 +142,9 @@ def test_bad_arguments(run_env, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_thirty_elo_steps_lower_heldout_korean_loss_on_default_model(tmp_path):
-    """The real thing, small: SmolLM2-135M, layers 1 and 30, Korean + English at 9:1, 30 steps."""
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    data = {}
-    for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
-        with open(DATA / "pretrain" / file, encoding="utf-8") as f:
-            data[lang] = tmp_path / f"{lang}.jsonl"
-            data[lang].write_text("".join(next(f) for _ in range(150)), encoding="utf-8")
+    """The real thing, small: SmolLM2-135M, layers 1 and 30, Korean + English at 9:1 from the bundled sample, 30
+    steps."""
+    data = {lang: SAMPLE / "pretrain" / f"{lang}_wikipedia.jsonl" for lang in ("ko", "en")}
     out = tmp_path / "elo"
     cfg = config_from_args(["--layers", "1,30", "--data", f"ko={data['ko']}", "--data", f"en={data['en']}",
                             "--seq-len", "128", "--batch-size", "4", "--max-steps", "30", "--lr", "2e-4",
@@ -357,7 +334,7 @@ def test_bad_option_values_are_one_line_errors_leaving_nothing(run_env, tmp_path
 def test_middle_surrogate_trains_resumes_bit_exact_and_ships_with_the_submodel(run_env, tmp_path):
     import transformers
 
-    from elo.extensions.middle import MIDDLE_NAME, load_middle
+    from elo.hf.checkpoint import MIDDLE_NAME, load_middle
 
     _, _, env = run_env
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -404,3 +381,27 @@ def test_layers_auto_trains_the_layers_it_logs(run_env, tmp_path, monkeypatch, c
     assert json.loads((out / "model" / "config.json").read_text())["elo"]["layers"] == chosen
     run_record = json.loads((out / "model" / "elo_run.json").read_text())
     assert run_record["layer_scores"]["suggested"] == chosen
+
+
+def test_in_situ_step_equals_a_full_step_on_those_layers_and_exports_the_submodel(run_env, tmp_path):
+    """--in-situ (ELO's oracle): with clipping off, AdamW updates each parameter from its own gradient, so one in-situ
+    step gives the chosen layers exactly what one full fine-tuning step gives them; the run writes the submodel."""
+    from elo.align import find_submodel
+    from elo.hf.checkpoint import CheckpointReader, load_config
+
+    root, _, env = run_env
+    in_situ, full = tmp_path / "in-situ", tmp_path / "full"
+    common = ("--max-steps", "1", "--warmup-steps", "1", "--grad-clip", "0")
+    run([sys.executable, "train.py", *args(run_env, in_situ, "--layers", "1,4", "--in-situ", *common)], env)
+    run([sys.executable, "train.py", *args(run_env, full, "--layers", "all", *common)], env)
+    config = load_config(in_situ / "model")
+    assert config.elo["layers"] == [1, 4] and config.num_hidden_layers == 2
+    sub, ft, base = (CheckpointReader(d) for d in (in_situ / "model", full / "model", root / "model"))
+    for layer, disk in ((0, 0), (3, 1)):
+        for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            trained = sub.get(f"model.layers.{disk}.{name}")
+            torch.testing.assert_close(trained, ft.get(f"model.layers.{layer}.{name}"), rtol=1e-5, atol=1e-6)
+            assert not torch.equal(trained, base.get(f"model.layers.{layer}.{name}"))
+    torch.testing.assert_close(sub.get("model.embed_tokens.weight"), base.get("model.embed_tokens.weight"), rtol=0,
+                               atol=0)  # not trained: exactly the base's
+    assert find_submodel(str(in_situ)).run["mode"] == "in-situ"  # align.py takes it as an ELO run

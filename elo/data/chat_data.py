@@ -7,12 +7,10 @@ The training loop uses it exactly as it uses elo.data.text's pretraining sampler
     batch = source.next_batch(micro_batch_size)  # Batch(inputs [B, T], targets [B, T] (-1: not trained), langs)
 
 plus `source.val_batches(lang, B)`, `state_dict()` / `load_state_dict()`. Targets are -1 on the system prompt, user
-turns, assistant headers and padding, so the usual loss (targets < 0 ignored) is the assistant-only loss.
+turns and assistant headers, so the usual loss (targets < 0 ignored) is the assistant-only loss.
 
-Batching is one conversation per row, right-padded to the longest row of the micro-batch: under causal attention a
-real token never sees the pads after it, so no token attends across conversations and the model needs no mask.
-Padding is kept small by drawing each language's conversations in length-sorted groups (benchmarks/sft_padding.py
-measures the waste against packing).
+Batching packs each micro-batch's conversations into one row with no padding (`pack`): `Batch.documents` holds their
+lengths, and the model computes each conversation as if alone (its own positions from 0, attention within itself).
 """
 from __future__ import annotations
 
@@ -25,8 +23,8 @@ import numpy as np
 import torch
 
 from elo.data.chat_templates import Message, tokenize_chats
+from elo.data.sources import Shard, parse_source
 from elo.data.text import Batch, LanguageMix, epoch_order, resolve_mix
-from elo.tools.jsonl import read_jsonl
 
 # file form -> (turns key, role key, content key, role names -> chat roles)
 FORMS = {
@@ -39,44 +37,63 @@ _MAX_VAL_CONVERSATIONS = 128
 
 # ---- reading ----
 
-def read_chats(path: str | os.PathLike) -> list[tuple[int, list[Message]]]:
-    """(line number, messages) for each conversation of a JSONL file in ShareGPT form (`conversations: [{from,
-    value}]`) or OpenAI form (`messages: [{role, content}]`), detected from the first record. A bad record is a
-    one-line error naming file and line. Turns after the last assistant turn are dropped (nothing to train)."""
-    records = read_jsonl(path)
-    if not records:
-        raise ValueError(f"{path}: no conversations (empty file)")
-    first_line, first = records[0]
-    form = next((k for k in FORMS if k in first), None)
-    if form is None:
-        raise ValueError(f"{path}:{first_line}: no 'conversations' (ShareGPT) or 'messages' (OpenAI) list")
-    role_key, content_key, roles = FORMS[form]
-    out = []
-    for line, record in records:
-        where = f"{path}:{line}"
-        turns = record.get(form)
-        if not isinstance(turns, list):
-            raise ValueError(f"{where}: no {form!r} list (the file's first record has one)")
-        if not turns:
-            raise ValueError(f"{where}: empty conversation")
-        messages = []
-        for j, turn in enumerate(turns):
-            role = turn.get(role_key) if isinstance(turn, dict) else None
-            if role not in roles:
-                raise ValueError(f"{where}: unknown role {role!r} in turn {j}; expected {role_key} in {list(roles)}")
-            if not isinstance(turn.get(content_key), str):
-                raise ValueError(f"{where}: turn {j} has no string {content_key!r}")
-            messages.append({"role": roles[role], "content": turn[content_key]})
-        chat_roles = [m["role"] for m in messages]
-        body = chat_roles[1:] if chat_roles[0] == "system" else chat_roles
-        if any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(body)):
-            raise ValueError(f"{where}: roles do not alternate: {[t.get(role_key) for t in turns]}; expected an "
-                             f"optional system turn, then user and assistant turns in turn")
-        if "assistant" not in body:
-            raise ValueError(f"{where}: no assistant turn; nothing to train on")
-        last = len(chat_roles) - chat_roles[::-1].index("assistant")
-        out.append((line, messages[:last]))
+def read_chats(shard: Shard | str | os.PathLike) -> list[tuple[int, list[Message]]]:
+    """(line or row number, messages) for each conversation of one chat file (a local path, or a shard of a SOURCE,
+    elo.data.sources): JSON lines or Parquet rows in ShareGPT form (`conversations: [{from, value}]`) or OpenAI form
+    (`messages: [{role, content}]`), detected from the first record. A bad record is a one-line error naming file
+    and line (row). Turns after the last assistant turn are dropped (nothing to train)."""
+    shard = shard if isinstance(shard, Shard) else Shard(os.fspath(shard))
+    if shard.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{shard}: chat data is .jsonl or .parquet records; got a {shard.suffix or 'suffixless'} file")
+    out, form = [], None
+    for line, record in shard.records():
+        where = f"{shard}:{line}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if form is None:
+            form = next((k for k in FORMS if k in record), None)
+            if form is None:
+                raise ValueError(f"{where}: no 'conversations' (ShareGPT) or 'messages' (OpenAI) list")
+        out.append((line, _messages(record, form, where)))
     return out
+
+
+def _messages(record: dict, form: str, where: str) -> list[Message]:
+    role_key, content_key, roles = FORMS[form]
+    turns = record.get(form)
+    if not isinstance(turns, list):
+        raise ValueError(f"{where}: no {form!r} list (the file's first record has one)")
+    if not turns:
+        raise ValueError(f"{where}: empty conversation")
+    messages = []
+    for j, turn in enumerate(turns):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        if role not in roles:
+            raise ValueError(f"{where}: unknown role {role!r} in turn {j}; expected {role_key} in {list(roles)}")
+        if not isinstance(turn.get(content_key), str):
+            raise ValueError(f"{where}: turn {j} has no string {content_key!r}")
+        messages.append({"role": roles[role], "content": turn[content_key]})
+    chat_roles = [m["role"] for m in messages]
+    body = chat_roles[1:] if chat_roles[0] == "system" else chat_roles
+    if any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(body)):
+        raise ValueError(f"{where}: roles do not alternate: {[t.get(role_key) for t in turns]}; expected an "
+                         f"optional system turn, then user and assistant turns in turn")
+    if "assistant" not in body:
+        raise ValueError(f"{where}: no assistant turn; nothing to train on")
+    last = len(chat_roles) - chat_roles[::-1].index("assistant")
+    return messages[:last]
+
+
+def read_chat_source(source: str | os.PathLike) -> list[tuple[str, list[Message]]]:
+    """("file:line", messages) for each conversation of a SOURCE (elo.data.sources), shard by shard; a source with
+    none is an error."""
+    listing = parse_source(source).list_shards()
+    if listing.source.tokens is not None:
+        raise ValueError(f"{listing.source}: ?tokens= limits pretraining text; chat data is read whole")
+    chats = [(f"{shard}:{line}", messages) for shard in listing.shards for line, messages in read_chats(shard)]
+    if not chats:
+        raise ValueError(f"{listing.source}: no conversations" + (" pass its filters" if listing.source.where else ""))
+    return chats
 
 
 # ---- one language: tokenized conversations ----
@@ -234,26 +251,27 @@ def default_val_conversations(n: int) -> int:
     return min(_MAX_VAL_CONVERSATIONS, max(1, n // 100))
 
 
-def build_chat_source(paths_by_lang: dict[str, list[str | os.PathLike]], tokenizer: Any, seq_len: int,
+def build_chat_source(sources_by_lang: dict[str, list[str | os.PathLike]], tokenizer: Any, seq_len: int,
                       mix: dict[str, float] | None, seed: int, rank: int = 0, world_size: int = 1,
                       val_conversations: int | None = None) -> tuple[ChatSource, dict[str, ChatInfo]]:
-    """Read, validate and tokenize each language's chat files with the tokenizer's chat template, hold out
-    validation conversations, and return this rank's source plus per-language counts (rank 0 prints them).
+    """Read, validate and tokenize each language's chat sources (SOURCE strings or paths, elo.data.sources) with
+    the tokenizer's chat template, hold out validation conversations, and return this rank's source plus
+    per-language counts (rank 0 prints them).
 
     `mix` gives relative conversation shares (elo.data.text.parse_mix syntax); None mixes the languages equally (the
     paper's 1:1 target:English for SFT). `val_conversations` per language defaults to
     `default_val_conversations`; the held-out set depends on the data alone, not on the seed."""
-    if not paths_by_lang:
-        raise ValueError("no data given; expected at least one language with files (--data LANG=PATH)")
+    if not sources_by_lang:
+        raise ValueError("no data given; expected at least one language with a source (--data LANG=SOURCE)")
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len}; expected a positive integer")
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat_template; SFT needs an instruct model's tokenizer "
                          "(or a chat-vector model, which takes the instruct model's)")
-    langs = sorted(paths_by_lang)
+    langs = sorted(sources_by_lang)
     mix = {l: 1.0 for l in langs} if mix is None else resolve_mix(mix, langs)
     # read everything first: a bad record anywhere fails before any tokenizing
-    chats = {l: [(f"{p}:{line}", m) for p in paths_by_lang[l] for line, m in read_chats(p)] for l in langs}
+    chats = {l: [chat for source in sources_by_lang[l] for chat in read_chat_source(source)] for l in langs}
     train, val, info = {}, {}, {}
     for lang in langs:
         start = time.perf_counter()
@@ -267,7 +285,7 @@ def build_chat_source(paths_by_lang: dict[str, list[str | os.PathLike]], tokeniz
         train[lang] = ChatSet.of([kept[i] for i in np.sort(order[n_val:])])
         both = [train[lang], val[lang]]
         info[lang] = ChatInfo(
-            lang=lang, files=tuple(str(p) for p in paths_by_lang[lang]), conversations=len(chats[lang]), **counts,
+            lang=lang, files=tuple(str(p) for p in sources_by_lang[lang]), conversations=len(chats[lang]), **counts,
             train=len(train[lang]), val=n_val, tokens=sum(len(s.ids) for s in both),
             trained_tokens=sum(int(s.trained.sum()) for s in both), seconds=time.perf_counter() - start)
         if rank == 0:

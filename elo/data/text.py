@@ -1,5 +1,6 @@
-"""Pretraining data: read text files, tokenize them once into a cached memmap, pack each language into fixed-length
-windows, and draw a deterministic, resumable, rank-sharded mixture of languages in exact token proportions.
+"""Pretraining data: read text sources (elo.data.sources), tokenize them once into a cached memmap, pack each
+language into fixed-length windows, and draw a deterministic, resumable, rank-sharded mixture of languages in exact
+token proportions.
 
 The training loop needs two calls:
 
@@ -21,16 +22,17 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
-from elo.tools.files import atomic_file, cache_root, sha256_file
+from elo.data.sources import Listing, Shard, parse_source
+from elo.tools.files import atomic_file, cache_root
 
 _CHUNK_CHARS = 1 << 20  # characters handed to encode_batch at a time: big enough for its threads, small in memory
 _MAX_VAL_SEQUENCES = 64
-_CACHE_FORMAT = 2  # bump when the cache layout or the way `read_documents` reads a file changes
+_CACHE_FORMAT = 2  # bump when the cache layout or the way a file's documents are read changes
 # A cache file is this header (magic, token count as little-endian uint64), then the tokens. The count is written
 # last, so a file cut short, or one whose count was never filled in, fails the size check and is tokenized again.
 _CACHE_MAGIC = b"elotok02"
@@ -83,52 +85,38 @@ class CorpusInfo:
 
 # ---- reading ----
 
-def read_documents(path: str | os.PathLike, field: str = "text") -> Iterator[str]:
-    """Documents of one file: `.jsonl` (the string `field` of each object; blank lines skipped) or `.txt`
-    (documents separated by blank lines). Empty documents are skipped; a file with none is an error."""
-    path = Path(path)
-    if path.suffix not in (".jsonl", ".txt"):
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .jsonl or .txt")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    count = 0
-    paragraph: list[str] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
-            if path.suffix == ".txt":
-                if line.strip():
-                    paragraph.append(line)
-                    continue
-                text, paragraph = "".join(paragraph).rstrip("\r\n"), []
-            elif not line.strip():
-                continue
-            else:
-                text = _json_text(line, field, path, lineno)
-            if text:
-                count += 1
-                yield text
-    if paragraph:
-        count += 1
-        yield "".join(paragraph).rstrip("\r\n")
-    if count == 0:
-        raise ValueError(f"{path}: no documents (empty file)")
+def read_documents(source: str | os.PathLike, field: str = "text") -> Iterator[str]:
+    """Documents of a SOURCE (elo.data.sources: local .jsonl/.txt/.parquet files, a directory or glob of them, or a
+    Hub dataset), shard by shard: the string `field` of each JSON line or Parquet row, or the blank-line separated
+    documents of a .txt file. Empty documents are skipped; a source with none is an error. (A `?tokens=` limit
+    counts tokens, so `tokenize_files` applies it.)"""
+    listing = parse_source(source).list_shards()
+    documents = chain.from_iterable(_shard_documents(shard, field) for shard in listing.shards)
+    first = next(documents, None)
+    if first is None:
+        raise ValueError(_no_documents(listing))
+    yield first
+    yield from documents
 
 
-def _json_text(line: str, field: str, path: Path, lineno: int) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict) or field not in obj:
-        raise ValueError(f"{path}:{lineno}: no {field!r} field in the JSON line")
-    text = obj[field]
+def _shard_documents(shard: Shard, field: str) -> Iterator[str]:
+    for number, record in shard.records(columns=[field]):
+        text = record if shard.suffix == ".txt" else _record_text(record, field, f"{shard}:{number}")
+        if text:
+            yield text
+
+
+def _record_text(record: object, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        raise ValueError(f"{where}: no {field!r} field in the JSON line")
+    text = record[field]
     if not isinstance(text, str):
-        raise ValueError(f"{path}:{lineno}: field {field!r} is a {type(text).__name__}, expected a string")
+        raise ValueError(f"{where}: field {field!r} is a {type(text).__name__}, expected a string")
     return text
+
+
+def _no_documents(listing: Listing) -> str:
+    return f"{listing.source}: no documents" + (" pass its filters" if listing.source.where else "")
 
 
 # ---- tokenizing into the cache ----
@@ -141,31 +129,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
+def tokenize_files(sources: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
                    cache_dir: str | os.PathLike | None = None,
                    field: str = "text") -> tuple[np.ndarray, Path, float | None]:
-    """The token stream of `paths` in order, EOS after every document, as a read-only memmap of the cache file.
+    """The token stream of `sources` (SOURCE strings or paths, elo.data.sources) in order, EOS after every document,
+    as a read-only memmap of the cache file. A source with `?tokens=N` is read shard by shard and stops at the first
+    document that reaches N of its tokens, so its later shards are never opened or downloaded.
 
-    The cache file is named by a hash of the reader version, the tokenizer digest, `field` and each file's format
-    (suffix) and contents, so a changed file, format or tokenizer is tokenized afresh. It is written to a temp file
-    and renamed, and a hit is checked against the token count in its header, so neither an interrupted run nor a
+    The cache file is named by a hash of the reader version, the tokenizer digest, `field`, each shard's format
+    (suffix) and contents (a Hub shard: its name, which holds the dataset's commit) and any filters or token limits,
+    so a changed file, dataset revision, format or tokenizer is tokenized afresh. It is written to a temp file and
+    renamed, and a hit is checked against the token count in its header, so neither an interrupted run nor a
     truncated copy is ever taken as complete. Returns (tokens, cache file, seconds spent, or None if it was cached).
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    listings = [parse_source(s).list_shards() for s in sources]
+    if not listings:
         raise ValueError("no data files given")
-    for p in paths:
-        if p.is_dir():
-            raise ValueError(f"data path {p} is a directory; expected a .jsonl or .txt file (list each file)")
-        if not p.is_file():
-            raise FileNotFoundError(f"data file not found: {p}")
     if tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no eos_id; it is needed to separate documents")
     dtype = token_dtype(tokenizer.vocab_size)
-    key = hashlib.sha256(json.dumps({
-        "format": _CACHE_FORMAT, "tokenizer": tokenizer.digest, "eos": tokenizer.eos_id, "dtype": dtype.name,
-        "field": field, "files": [[p.suffix, sha256_file(p)] for p in paths],
-    }).encode()).hexdigest()
+    identity = {"format": _CACHE_FORMAT, "tokenizer": tokenizer.digest, "eos": tokenizer.eos_id, "dtype": dtype.name,
+                "field": field, "files": [shard.identity() for listing in listings for shard in listing.shards]}
+    limits = [[dict(listing.source.where), listing.source.tokens] for listing in listings]
+    if any(where or tokens for where, tokens in limits):  # absent otherwise: earlier caches keep their names
+        identity["limits"] = limits
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f"{key}.{dtype.name}.bin"
     if cache.is_file():
@@ -177,14 +165,31 @@ def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: TextTokenizer,
     start = time.perf_counter()
     with atomic_file(cache, "wb") as f:
         f.write(_HEADER.pack(_CACHE_MAGIC, 0))
-        count = 0
-        for texts in _chunks(chain.from_iterable(read_documents(p, field) for p in paths)):
-            packed = _pack(tokenizer.encode_batch(texts), tokenizer.eos_id, dtype)
-            f.write(packed.tobytes())
-            count += len(packed)
+        count = sum(_write_tokens(f, listing, tokenizer, field, dtype) for listing in listings)
         f.seek(0)
         f.write(_HEADER.pack(_CACHE_MAGIC, count))
     return _open_tokens(cache, dtype), cache, time.perf_counter() - start
+
+
+def _write_tokens(f: BinaryIO, listing: Listing, tokenizer: TextTokenizer, field: str, dtype: np.dtype) -> int:
+    """Append one source's tokens to `f`, shard by shard (chunks never span two shards, so none is opened early);
+    returns how many were written."""
+    limit = listing.source.tokens
+    written = 0
+    for shard in listing.shards:
+        for texts in _chunks(_shard_documents(shard, field)):
+            encoded = tokenizer.encode_batch(texts)
+            if limit is not None:  # keep documents up to the first whose end reaches the limit
+                ends = written + np.cumsum([len(ids) + 1 for ids in encoded])
+                encoded = encoded[:int(np.searchsorted(ends, limit)) + 1]
+            packed = _pack(encoded, tokenizer.eos_id, dtype)
+            f.write(packed.tobytes())
+            written += len(packed)
+            if limit is not None and written >= limit:
+                return written
+    if written == 0:
+        raise ValueError(_no_documents(listing))
+    return written
 
 
 def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
@@ -283,14 +288,15 @@ class Corpus:
 
 # ---- the language mix ----
 
-def parse_data(specs: Iterable[str]) -> dict[str, list[Path]]:
-    """`["ko=a.jsonl", "ko=b.txt", "en=c.jsonl"]` (repeated --data LANG=PATH) -> {"ko": [a, b], "en": [c]}."""
-    out: dict[str, list[Path]] = {}
+def parse_data(specs: Iterable[str]) -> dict[str, list[str]]:
+    """`["ko=a.jsonl", "ko=hf://datasets/o/n/*.parquet", "en=c.txt"]` (repeated --data LANG=SOURCE) ->
+    {"ko": ["a.jsonl", "hf://datasets/o/n/*.parquet"], "en": ["c.txt"]}: SOURCE strings (elo.data.sources)."""
+    out: dict[str, list[str]] = {}
     for spec in specs:
-        lang, sep, path = spec.partition("=")
-        if not sep or not lang.strip() or not path.strip():
-            raise ValueError(f"bad --data {spec!r}; expected LANG=PATH, e.g. ko=ko_wikipedia.jsonl")
-        out.setdefault(lang.strip(), []).append(Path(path.strip()))
+        lang, sep, source = spec.partition("=")
+        if not sep or not lang.strip() or not source.strip():
+            raise ValueError(f"bad --data {spec!r}; expected LANG=SOURCE, e.g. ko=ko_wikipedia.jsonl")
+        out.setdefault(lang.strip(), []).append(source.strip())
     return out
 
 
@@ -492,30 +498,30 @@ def _batch(windows: list[np.ndarray], langs: list[str]) -> Batch:
 
 # ---- entry point ----
 
-def build_dataset(paths_by_lang: dict[str, list[str | os.PathLike]], tokenizer: TextTokenizer, seq_len: int,
+def build_dataset(sources_by_lang: dict[str, list[str | os.PathLike]], tokenizer: TextTokenizer, seq_len: int,
                   mix: dict[str, float] | None, seed: int, rank: int = 0, world_size: int = 1,
                   cache_dir: str | os.PathLike | None = None, field: str = "text",
                   val_tokens: int | None = None) -> tuple[MixtureSampler, dict[str, CorpusInfo]]:
-    """Tokenize (or memory-map from the cache) each language's files, hold out validation, and return this rank's
-    sampler plus per-language info. Rank 0 prints one line per language.
+    """Tokenize (or memory-map from the cache) each language's sources (SOURCE strings or paths, elo.data.sources),
+    hold out validation, and return this rank's sampler plus per-language info. Rank 0 prints one line per language.
 
     Under an initialised torch.distributed group with world_size > 1, rank 0 tokenizes first and the other ranks
     wait at a barrier, then read the cache (this function calls barrier() exactly once on every rank).
     """
-    if not paths_by_lang:
-        raise ValueError("no data given; expected at least one language with files (--data LANG=PATH)")
-    mix = resolve_mix(mix, paths_by_lang)
+    if not sources_by_lang:
+        raise ValueError("no data given; expected at least one language with a source (--data LANG=SOURCE)")
+    mix = resolve_mix(mix, sources_by_lang)
     dist = torch.distributed
     shared = world_size > 1 and dist.is_available() and dist.is_initialized()
     if shared and rank != 0:
         dist.barrier()
     corpora, info = {}, {}
-    for lang in sorted(paths_by_lang):
-        files = paths_by_lang[lang]
-        tokens, cache, seconds = tokenize_files(files, tokenizer, cache_dir, field)
+    for lang in sorted(sources_by_lang):
+        sources = sources_by_lang[lang]
+        tokens, cache, seconds = tokenize_files(sources, tokenizer, cache_dir, field)
         corpus = corpora[lang] = Corpus(lang, tokens, seq_len, val_tokens)
         info[lang] = CorpusInfo(
-            lang=lang, files=tuple(str(f) for f in files), cache_path=str(cache), tokens=len(tokens),
+            lang=lang, files=tuple(str(s) for s in sources), cache_path=str(cache), tokens=len(tokens),
             train_sequences=corpus.num_train, val_sequences=corpus.num_val, cached=seconds is None,
             seconds=seconds or 0.0, tokens_per_s=None if seconds is None else len(tokens) / max(seconds, 1e-9))
         if rank == 0:

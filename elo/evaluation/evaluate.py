@@ -3,11 +3,15 @@ MT-Bench-style generation graded by an LLM judge; or compare result files side b
 
     python evaluate.py --model M --ppl ko=ko.jsonl --ppl en=en.jsonl [--max-docs N] [--seq-len L] --out results.json
     python evaluate.py --model M --ppl-heldout runs/elo-ko     # exactly the text a train.py / align.py run held out
-    python evaluate.py --model M --tasks kobest_copa,mmlu --data-dir ../shared/data/eval [--num-fewshot K] [--limit N]
-    python evaluate.py --model M --generate mt_bench --judge-url URL --judge-model NAME [--judge-key-env VAR]
+    python evaluate.py --model M --tasks kobest_copa,mmlu [--data-dir DIR] [--num-fewshot K] [--limit N]
+    python evaluate.py --model M --generate mt_bench --data-dir DIR --judge-url URL --judge-model NAME
+        [--judge-key-env VAR]
     python evaluate.py --compare a.json b.json ...
 
-Perplexity files are JSON Lines with a "text" field. Task names and their lm-eval counterparts: elo/tasks.py.
+Perplexity files are JSON Lines with a "text" field. Task names and their lm-eval counterparts:
+elo/evaluation/tasks.py. Tasks read the Hugging Face Hub dataset lm-eval reads (cached by huggingface_hub; offline,
+HF_HUB_OFFLINE=1, from that cache) unless `--data-dir DIR` names a folder of the same benchmarks as JSONL files
+(examples/data/eval holds KoBEST COPA); --generate reads its questions from --data-dir.
 `--ppl-heldout RUN_DIR` rebuilds the token stream of a training run from its train_config.json (the run's tokenizer,
 data, field, seq_len, val_tokens) and scores the held-out windows its validation used, per language: text that run
 never trained on. Progress per perplexity file and per task (requests done / total, elapsed, ETA) goes to stderr, at
@@ -30,14 +34,17 @@ import numpy as np
 import torch
 
 import elo
+from elo.data.sources import source_digests
+from elo.data.text import Corpus, tokenize_files
 from elo.evaluation import scoring, tasks
+from elo.evaluation.generate import QUESTION_FILES, generate_answers
+from elo.evaluation.judge import check_reachable, judge_answers
 from elo.hf.checkpoint import load_config
-from elo.tools.cli import ArgumentParser, fail, run_main
+from elo.tools.cli import ArgumentParser, fail
 from elo.tools.files import atomic_write_text, sha256_file
 from elo.tools.jsonl import read_jsonl
 from elo.evaluation.results import compare_table, results_table
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
 GENERATION_BENCHES = ("mt_bench", "mt_bench_ja", "logickor")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,8 +113,6 @@ def heldout_plan(run_dir: Path) -> dict:
 def heldout_windows(plan: dict) -> dict[str, np.ndarray]:
     """Per language, the run's held-out windows [n, seq_len + 1] (input w[:-1], target w[1:]), exactly as its
     validation read them: the run's token cache (rebuilt with the run's tokenizer if missing), split by elo.data.text.Corpus."""
-    from elo.data.text import Corpus, tokenize_files
-
     tokenizer = elo.load_tokenizer(plan["tokenizer"])
     out = {}
     for lang, files in sorted(plan["data"].items()):
@@ -174,7 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-docs", type=int, help="score only the first N documents of each --ppl file")
     p.add_argument("--seq-len", type=int, help="predicted tokens per rolling window (default: the model's context)")
     p.add_argument("--tasks", help=f"comma-separated, from: {', '.join(tasks.known_names())}")
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--data-dir", type=Path, help="benchmarks as JSONL files, offline (default for --tasks: the Hugging "
+                   "Face Hub datasets lm-eval reads)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's lm-eval default)")
     p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (MMLU: subject)")
     p.add_argument("--generate", help=f"comma-separated, from: {', '.join(GENERATION_BENCHES)}")
@@ -204,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
     groups = tasks.expand(split_names(args.tasks))
     members = list(dict.fromkeys(t for ts in groups.values() for t in ts))
     task_files = {f for t in members for f in tasks.data_files(tasks.TASKS[t], args.data_dir, args.num_fewshot)}
-    for f in task_files:
+    for f in task_files:  # Hub files are there once data_files returns; a data dir's are checked here
         if not f.is_file():
             raise FileNotFoundError(f"data file {f} not found (is --data-dir {args.data_dir} right?)")
     benches = split_names(args.generate)
@@ -215,6 +221,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--gen-batch must be >= 1, got {args.gen_batch}")
     if args.judge_url and not args.judge_model:
         raise ValueError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    if benches and args.data_dir is None:
+        raise ValueError(f"--generate {args.generate} reads its questions from --data-dir (laid out as "
+                         f"shared/data/eval is: mt_bench/, mt_bench_ja/, logickor/); pass --data-dir DIR")
     heldout = heldout_plan(args.ppl_heldout) if args.ppl_heldout else None
     if not (ppl_files or heldout or members or benches):
         raise ValueError("nothing to evaluate: give --ppl, --ppl-heldout, --tasks or --generate (or --compare)")
@@ -226,8 +235,6 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
                          f"of {context} tokens")
     if benches and args.judge_url:
-        from elo.evaluation.judge import check_reachable
-
         check_reachable(args.judge_url)
 
     start = time.time()
@@ -240,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
         "settings": {
             "dtype": args.dtype, "device": args.device, "batch_tokens": args.batch_tokens, "torch": torch.__version__,
             "seq_len": seq_len if ppl_files else None, "max_docs": args.max_docs,
-            "num_fewshot": {t: tasks.fewshot_count(tasks.TASKS[t], args.num_fewshot) for t in members},
+            "num_fewshot": {t: tasks.fewshot_count(tasks.TASKS[t], args.num_fewshot, args.data_dir) for t in members},
             "fewshot_seed": tasks.FEWSHOT_SEED, "limit": args.limit,
         },
         "data_files": {str(f): sha256_file(f) for f in [*ppl_files.values(), *sorted(task_files)]},
@@ -256,7 +263,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"--ppl-heldout {args.ppl_heldout}: its tokenizer ({heldout['tokenizer']}) has ids beyond "
                              f"the model's vocabulary of {model.config.vocab_size}")
         results["heldout_run"] = str(args.ppl_heldout.resolve())
-        results["data_files"] |= {f: sha256_file(f) for files in heldout["data"].values() for f in files}
+        results["data_files"] |= source_digests(s for sources in heldout["data"].values() for s in sources)
         results["heldout"] = {lang: heldout_perplexity(model, w, args.batch_tokens, f"held-out {lang}")
                               for lang, w in windows.items()}
     if members:
@@ -265,9 +272,6 @@ def run(args: argparse.Namespace) -> None:
             results["tasks"] |= scoring.evaluate_tasks(model, tokenizer, [name], args.data_dir, args.num_fewshot,
                                                        args.limit, args.batch_tokens, Progress(f"task {name}"))
     if benches:
-        from elo.evaluation.generate import QUESTION_FILES, generate_answers
-        from elo.evaluation.judge import judge_answers
-
         results["generation"] = {}
         for bench in benches:
             answers = args.out.with_name(f"{args.out.stem}.{bench}.answers.jsonl")

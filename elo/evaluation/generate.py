@@ -94,7 +94,7 @@ def _decode(model: Any, prompts: list[list[int]], limits: list[int], stops: list
     if not rows:
         return
     model.eval()
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     cache = model.new_cache(len(rows), max(len(prompts[i]) + limits[i] for i in rows))
     # Prompts of different lengths are prefilled right-padded, but for their last token: a padding slot sits after
     # its row's prompt, so the causal mask keeps it out of the prompt's own keys, and the first decode step, which

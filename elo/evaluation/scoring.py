@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,18 +81,6 @@ def rolling_windows(tokens: list[int], prefix: int, seq_len: int) -> list[Reques
     return windows
 
 
-@contextmanager
-def _headless(model: Transformer) -> Iterator[nn.Module]:
-    """The model returning final-norm hidden states instead of logits, and its output head: the head then runs only
-    on the positions that are scored, never materialising (batch, seq, vocab) logits."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head
-
-
 @torch.no_grad()
 def loglikelihoods(model: Transformer, requests: Sequence[Request], batch_tokens: int = 8192,
                    max_length: int | None = None, progress: Progress | None = None) -> list[float]:
@@ -127,9 +114,9 @@ def loglikelihoods(model: Transformer, requests: Sequence[Request], batch_tokens
         if progress is not None:
             progress(done, len(requests))
 
-    with _headless(model) as head:
-        _score_whole(model, head, requests, inputs, whole, batch_tokens, out, advance)
-        _score_shared(model, head, requests, shared, batch_tokens, out, advance)
+    # hidden states only: the head runs on the scored positions alone, never on (batch, seq, vocab) logits
+    _score_whole(model, requests, inputs, whole, batch_tokens, out, advance)
+    _score_shared(model, requests, shared, batch_tokens, out, advance)
     return out
 
 
@@ -152,31 +139,31 @@ def _padded(seqs: Sequence[Sequence[int]], width: int, device: torch.device) -> 
     return ids.to(device)
 
 
-def _score_whole(model: Transformer, head: nn.Module, requests: Sequence[Request], inputs: list[list[int]],
+def _score_whole(model: Transformer, requests: Sequence[Request], inputs: list[list[int]],
                  indices: list[int], batch_tokens: int, out: list[float], advance: Callable[[int], None]) -> None:
     """One row per distinct input: MMLU's A/B/C/D continuations, one token each, share theirs."""
     by_input: dict[tuple[int, ...], list[int]] = {}
     for i in indices:
         by_input.setdefault(tuple(inputs[i]), []).append(i)
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     for batch in _batches(sorted(by_input, key=len, reverse=True), batch_tokens):
-        hidden = model(_padded(batch, len(batch[0]), device))
+        hidden = model.hidden_states(_padded(batch, len(batch[0]), device))
         scored = [(i, hidden[row, len(inp) - len(requests[i][1]):len(inp)])
                   for row, inp in enumerate(batch) for i in by_input[inp]]
-        _add_logprobs(head, requests, scored, out)
+        _add_logprobs(model.lm_head, requests, scored, out)
         advance(len(scored))
 
 
-def _score_shared(model: Transformer, head: nn.Module, requests: Sequence[Request],
+def _score_shared(model: Transformer, requests: Sequence[Request],
                   shared: dict[tuple[int, ...], list[int]], batch_tokens: int, out: list[float],
                   advance: Callable[[int], None]) -> None:
     """Each prefix runs once (batched, filling a KV cache); its last position scores every member's first
     continuation token; then the members' continuations run together, `batch_tokens` at a time, each chunk on its
     own copy of the prefix's keys and values."""
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     for batch in _batches(sorted(shared, key=len, reverse=True), batch_tokens):
         cache = model.new_cache(len(batch), len(batch[0]))
-        hidden = model(_padded(batch, len(batch[0]), device), cache=cache)
+        hidden = model.hidden_states(_padded(batch, len(batch[0]), device), cache=cache)
         scored = []
         for row, prefix in enumerate(batch):
             n = len(prefix)
@@ -194,9 +181,9 @@ def _score_shared(model: Transformer, head: nn.Module, requests: Sequence[Reques
                     sub.k[layer][:, :, :n] = cache.k[layer][row:row + 1, :, :n]
                     sub.v[layer][:, :, :n] = cache.v[layer][row:row + 1, :, :n]
                 sub.lengths = [n] * len(chunk)
-                rest = model(_padded([tails[i] for i in chunk], width, device), cache=sub)
+                rest = model.hidden_states(_padded([tails[i] for i in chunk], width, device), cache=sub)
                 scored += [(i, torch.cat([last, rest[j, :len(tails[i])]])) for j, i in enumerate(chunk)]
-        _add_logprobs(head, requests, scored, out)
+        _add_logprobs(model.lm_head, requests, scored, out)
         advance(len(scored))
 
 
@@ -238,14 +225,14 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], s
     }
 
 
-def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, names: list[str], data_dir: str | Path,
+def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, names: list[str], data_dir: str | Path | None,
                    num_fewshot: int | None = None, limit: int | None = None,
                    batch_tokens: int = 8192, progress: Progress | None = None) -> dict[str, dict[str, float]]:
-    """Metrics of each named task or group (and of a group's member tasks); requests of all tasks are scored in one
-    sorted, batched pass."""
+    """Metrics of each named task or group (and of a group's member tasks), read from `data_dir` (None: the Hub);
+    requests of all tasks are scored in one sorted, batched pass."""
     groups = task_defs.expand(names)
     members = list(dict.fromkeys(t for ts in groups.values() for t in ts))
-    instances = {t: task_defs.build_instances(task_defs.TASKS[t], Path(data_dir), num_fewshot, limit) for t in members}
+    instances = {t: task_defs.build_instances(task_defs.TASKS[t], data_dir, num_fewshot, limit) for t in members}
     requests = [encode_pair(tokenizer, inst.context, cont)
                 for t in members for inst in instances[t] for cont in inst.continuations]
     lls = iter(loglikelihoods(model, requests, batch_tokens, progress=progress))

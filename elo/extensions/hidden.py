@@ -43,7 +43,7 @@ def layer_states(model: Transformer, batch, keys: Collection[str]) -> dict[str, 
 
     handles = [layers[k].register_forward_hook(hook(k)) for k in keys]
     try:
-        model(input_ids(batch).to(model.model.embed_tokens.weight.device))
+        model(input_ids(batch).to(model.device))
     except _Done:
         pass
     finally:

@@ -66,7 +66,7 @@ def layer_scores(model: Transformer, data: Mapping[str, Iterable[Tensor] | Itera
     if not 1 <= k <= n_layers:
         raise ValueError(f"k={k}; expected 1..{n_layers} layers for this {n_layers}-layer model")
     target = next(l for l in data if l != reference)
-    keys, device = list(model.model.layers), model.model.embed_tokens.weight.device
+    keys, device = list(model.model.layers), model.device
     influence, means, tokens = {}, {}, {}
     for lang in (target, reference):
         batches = text_windows(data[lang], tokenizer, seq_len) if tokenizer is not None else data[lang]

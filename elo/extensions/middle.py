@@ -21,53 +21,23 @@ and `load_model` of such a directory attaches it again.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save
-from torch import Tensor, nn
+from torch import Tensor
 
-from elo.hf.checkpoint import MIDDLE_NAME, load_config, load_model, resolve
 from elo.data.text import TextTokenizer, text_windows
-from elo.tools.files import atomic_file
 from elo.extensions.hidden import input_ids, layer_states
-from elo.model import Transformer
-from elo.surgery import fingerprint, parse_layers
+from elo.hf.checkpoint import load_config, load_model
+from elo.hf.hub import resolve
+from elo.model import FrozenAffine, MiddleSurrogate, Transformer
+from elo.surgery import parse_layers
 
 KINDS = ("linear",)
-
-
-class FrozenAffine(nn.Module):
-    """x ↦ x Wᵀ + b with W and b fixed. They are buffers, not parameters: no optimizer, FSDP sharding or HF state
-    dict ever sees them. `attach_middle` moves them to the model's device but keeps the fit's fp32 whatever the
-    model's dtype, so that a save after training is the fit, bit for bit."""
-
-    def __init__(self, weight: Tensor, bias: Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("bias", bias, persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # follow the activations' dtype: FSDP's mixed precision casts parameters to bf16, never buffers
-        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
-
-
-class MiddleSurrogate(nn.ModuleDict):
-    """Frozen maps keyed like `model.model.layers` (the upper layer's original 0-based index): entry k maps the output
-    of the submodel layer below layer k to layer k's input. `stats` records the fit (JSON): kind, ridge, tokens,
-    held_out, layers (1-based, as detached), gaps ([lower, upper] 1-based), r2 (held-out, per gap), fingerprint and
-    name of the base, hidden_size, seconds."""
-
-    def __init__(self, maps: dict[str, FrozenAffine], stats: dict):
-        super().__init__(maps)
-        self.stats = stats
 
 
 class _Moments:
@@ -110,12 +80,13 @@ def accumulate(model: Transformer, gaps: list[tuple[int, int]], data: Iterable, 
                held_out: int) -> tuple[dict[tuple[int, int], _Moments], dict[tuple[int, int], _Moments]]:
     """Moments of the fitted and the held-out tokens for each gap (lower, upper: 0-based layer indices), in one pass
     over `data` (token id batches) through the full model."""
-    d, dev = model.config.hidden_size, model.model.embed_tokens.weight.device
+    d, dev = model.config.hidden_size, model.device
     fit = {g: _Moments(d, dev) for g in gaps}
     test = {g: _Moments(d, dev) for g in gaps}
     # the input of layer hi is the output of layer hi - 1: read outputs only, and stop below the highest upper layer
     keys = {str(i) for lo, hi in gaps for i in (lo, hi - 1)}
     need, seen = tokens + held_out, 0
+    start = report = time.monotonic()
     for batch in data:
         if isinstance(batch, str):
             raise ValueError("data holds texts; pass tokenizer= to fit on texts, or token id batches")
@@ -128,6 +99,10 @@ def accumulate(model: Transformer, gaps: list[tuple[int, int]], data: Iterable, 
         seen += take
         if seen == need:
             return fit, test
+        if time.monotonic() - report > 10:  # a big fit runs for minutes: say how far it is
+            report, elapsed = time.monotonic(), time.monotonic() - start
+            print(f"middle fit: {seen:,} / {need:,} tokens, {elapsed:.0f}s, about {elapsed * (need - seen) / seen:.0f}s "
+                  f"left", file=sys.stderr, flush=True)
     raise ValueError(f"the data ran out after {seen} tokens; fitting needs tokens + held_out = {need}")
 
 
@@ -176,47 +151,6 @@ def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | s
         maps[str(g[1])] = FrozenAffine(w[:d].T.float().contiguous(), w[d].float())
     stats = {"kind": kind, "ridge": ridge, "tokens": tokens, "held_out": held_out, "layers": [i + 1 for i in ids],
              "gaps": [[lo + 1, hi + 1] for lo, hi in gaps], "r2": r2, "hidden_size": d,
-             "fingerprint": fingerprint(model.model.norm.weight, model.model.embed_tokens.weight[:4]),
+             "fingerprint": model.fingerprint(),
              "base": model.name_or_path, "seconds": time.perf_counter() - start}
-    return MiddleSurrogate(maps, stats)
-
-
-def attach_middle(model: Transformer, surrogate: MiddleSurrogate) -> Transformer:
-    """Insert `surrogate` into the ELO submodel `model` (in place, as `model.middle`), after checking that it was
-    fitted for this submodel's layers of the same base model."""
-    elo, stats = model.config.elo, surrogate.stats
-    if elo is None:
-        raise ValueError("a middle surrogate goes into an ELO submodel; this model has no 'elo' record (detach first)")
-    if elo["layers"] != stats["layers"]:
-        raise ValueError(f"the surrogate was fitted for layers {stats['layers']}; the submodel holds {elo['layers']}")
-    if elo["fingerprint"] != stats["fingerprint"]:
-        raise ValueError(f"the surrogate was fitted on another base model (fingerprint {stats['fingerprint']}) than "
-                         f"the submodel's {elo['base']!r} (fingerprint {elo['fingerprint']})")
-    model.middle = surrogate.to(model.model.embed_tokens.weight.device)
-    return model
-
-
-def save_middle(surrogate: MiddleSurrogate, directory: str | os.PathLike) -> Path:
-    """Write `directory/middle.safetensors` atomically: per gap `{key}.weight` and `{key}.bias`, and the fit
-    statistics as JSON in the metadata (key `elo_middle`)."""
-    tensors = {f"{key}.{name}": t.detach().to("cpu").contiguous()
-               for key, m in surrogate.items() for name, t in m.named_buffers()}
-    path = Path(directory) / MIDDLE_NAME
-    with atomic_file(path, "wb") as f:
-        f.write(save(tensors, metadata={"format": "pt", "elo_middle": json.dumps(surrogate.stats)}))
-    return path
-
-
-def load_middle(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MiddleSurrogate:
-    """The surrogate saved by `save_middle` in `directory`."""
-    path = Path(directory) / MIDDLE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MIDDLE_NAME} in {directory}")
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        if "elo_middle" not in meta:
-            raise ValueError(f"{path} has no 'elo_middle' metadata; it was not written by elo.save_middle")
-        stats = json.loads(meta["elo_middle"])
-        keys = [str(hi - 1) for _, hi in stats["gaps"]]
-        maps = {k: FrozenAffine(f.get_tensor(f"{k}.weight"), f.get_tensor(f"{k}.bias")) for k in keys}
     return MiddleSurrogate(maps, stats)

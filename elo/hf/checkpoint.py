@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import Tensor
 
 from elo.config import ModelConfig
-from elo.tools.files import atomic_dir, check_output_dir
-from elo.model import Transformer
+from elo.hf.default_model import DEFAULT_MODEL
+from elo.hf.hub import resolve
+from elo.model import FrozenAffine, MiddleSurrogate, Transformer, attach_middle, fingerprint
+from elo.tools.files import atomic_dir, atomic_file, check_output_dir
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -31,34 +33,6 @@ MIDDLE_NAME = "middle.safetensors"  # an ELO submodel's middle-layer surrogate (
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja", "original/tokenizer.model")
 MAX_SHARD_BYTES = 5 * 10**9
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """Local directory of a model: the offline default model's name, a local directory, or a hub id."""
-    from elo.hf.default_model import DEFAULT_MODEL, default_model_dir
-
-    name = str(name_or_path)
-    if name == DEFAULT_MODEL:
-        return default_model_dir()
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
-        return path
-    if _HUB_ID.match(name) and not name.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model", "*.jinja"]
-        try:
-            return Path(snapshot_download(name, allow_patterns=patterns))
-        except Exception as e:  # offline, unknown or gated repo, hub down: hub errors are many-line and many-typed
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FileNotFoundError(f"model {name!r} is not a local directory and the Hugging Face hub could not "
-                                    f"provide it ({type(e).__name__}: {reason})") from e
-    raise FileNotFoundError(f"model {name!r} is neither a local directory, a hub id (org/name) nor {DEFAULT_MODEL!r}")
-
-
 def open_safetensors(path: Path):
     """`safe_open`, with an error naming the file when it is truncated or not safetensors at all."""
     try:
@@ -120,6 +94,22 @@ class CheckpointReader:
         sl = self._open(name).get_slice(name)
         return tuple(sl.get_shape()), _TORCH_DTYPES[sl.get_dtype()]
 
+    def fingerprint(self) -> str:
+        """The base model's identity (elo.model.fingerprint), from the final norm and 4 embedding rows."""
+        return fingerprint(self.get("model.norm.weight"), self.get_rows("model.embed_tokens.weight", 4))
+
+    def names_for(self, config: ModelConfig) -> list[str]:
+        """The in-memory parameter names of a model of `config` (a tied head has none of its own), after checking
+        that the checkpoint holds every one of them."""
+        with torch.device("meta"):
+            names = [n for n in Transformer(config).state_dict()
+                     if not (config.tie_word_embeddings and n == "lm_head.weight")]
+        missing = [disk_name(n, config) for n in names if disk_name(n, config) not in self.weight_map]
+        if missing:
+            raise ValueError(f"checkpoint {self.directory} lacks {len(missing)} tensor(s) its config needs, "
+                             f"e.g. {missing[:3]}")
+        return names
+
     def get_slice(self, name: str, start: int, stop: int) -> Tensor:
         """Rows start:stop of a tensor (dim 0), reading only those: how a process loads its own shard."""
         t = self._open(name).get_slice(name)[start:stop]
@@ -147,24 +137,17 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_file(Path(directory) / "config.json")
 
 
-def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", dtype: torch.dtype = torch.float32,
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> Transformer:
     """Load an HF Llama/Mistral/Qwen2 checkpoint (or an ELO submodel saved by elo, with its middle-layer surrogate
     when the directory holds one) into a `Transformer`."""
     directory = resolve(name_or_path)
     config = load_config(directory)
     reader = CheckpointReader(directory)
-    with torch.device("meta"):
-        names = [n for n in Transformer(config).state_dict() if not (config.tie_word_embeddings and n == "lm_head.weight")]
-    missing = [disk_name(n, config) for n in names if disk_name(n, config) not in reader.weight_map]
-    if missing:
-        raise ValueError(f"checkpoint {directory} lacks {len(missing)} tensor(s) its config needs, e.g. {missing[:3]}")
-    state = {n: reader.get(disk_name(n, config)).to(device=device, dtype=dtype) for n in names}
+    state = {n: reader.get(disk_name(n, config)).to(device=device, dtype=dtype) for n in reader.names_for(config)}
     model = Transformer.from_state_dict(config, state)
     model.name_or_path = str(name_or_path)
     if (directory / MIDDLE_NAME).is_file():
-        from elo.extensions.middle import attach_middle, load_middle  # elo.extensions.middle builds on this module
-
         attach_middle(model, load_middle(directory, device))
     return model
 
@@ -263,8 +246,7 @@ def rewrite_checkpoint(reader: CheckpointReader, directory: Path,
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES,
-               tokenizer_from: str | os.PathLike | None = None) -> Path:
+def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model` as an HF checkpoint (config, safetensors shards, tokenizer files from its source, and an ELO
     submodel's middle-layer surrogate as `middle.safetensors`), atomically.
     A destination that is a file, or a non-empty directory elo did not write, is refused (see elo.tools.files)."""
@@ -273,8 +255,7 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    source = tokenizer_from if tokenizer_from is not None else model.name_or_path
-    source_dir = resolve(source) if source is not None else None
+    source_dir = resolve(model.name_or_path) if model.name_or_path is not None else None
     dtype = model.model.embed_tokens.weight.dtype
 
     def fill(tmp: Path) -> None:
@@ -283,8 +264,32 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
         write_config(config, dtype, tmp)
         copy_side_files(source_dir, tmp)
         if model.middle is not None:
-            from elo.extensions.middle import save_middle
-
             save_middle(model.middle, tmp)
 
     return atomic_dir(out_dir, fill, "model directory")
+
+
+def save_middle(surrogate: MiddleSurrogate, directory: str | os.PathLike) -> Path:
+    """Write `directory/middle.safetensors` atomically: per gap `{key}.weight` and `{key}.bias`, and the fit
+    statistics as JSON in the metadata (key `elo_middle`)."""
+    tensors = {f"{key}.{name}": t.detach().to("cpu").contiguous()
+               for key, m in surrogate.items() for name, t in m.named_buffers()}
+    path = Path(directory) / MIDDLE_NAME
+    with atomic_file(path, "wb") as f:
+        f.write(save(tensors, metadata={"format": "pt", "elo_middle": json.dumps(surrogate.stats)}))
+    return path
+
+
+def load_middle(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MiddleSurrogate:
+    """The surrogate saved by `save_middle` in `directory`."""
+    path = Path(directory) / MIDDLE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MIDDLE_NAME} in {directory}")
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if "elo_middle" not in meta:
+            raise ValueError(f"{path} has no 'elo_middle' metadata; it was not written by elo.save_middle")
+        stats = json.loads(meta["elo_middle"])
+        keys = [str(hi - 1) for _, hi in stats["gaps"]]
+        maps = {k: FrozenAffine(f.get_tensor(f"{k}.weight"), f.get_tensor(f"{k}.bias")) for k in keys}
+    return MiddleSurrogate(maps, stats)

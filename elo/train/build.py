@@ -14,21 +14,22 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from elo.train import distributed
-from elo.hf.checkpoint import CheckpointReader, disk_name, load_config, resolve
-from elo.tools.cli import option
 from elo.config import ModelConfig
-from elo.tools.files import atomic_dir
+from elo.hf.checkpoint import (CheckpointReader, copy_side_files, disk_name, save_middle, write_config,
+                               write_shards)
+from elo.hf.hub import resolve
 from elo.lora import LoRALinear, add_lora
 from elo.model import Transformer, rope_inv_freq
-from elo.surgery import _check_base, _detached, fingerprint, parse_layers
+from elo.tools.files import atomic_dir
+from elo.train import distributed
+from elo.surgery import Selection, parse_layers, select_detached, select_full, select_spliced
 
 
 @dataclass
@@ -54,59 +55,42 @@ class ModelSpec:
     name_or_path: str  # tokenizer and side files are copied from here on export
     lora: tuple[int, float] | None = None  # (rank, alpha) when LoRA adapters are added
     trainable: Callable[[str], bool] = field(default=lambda name: True)  # which parameters train
+    export_config: ModelConfig | None = None  # export as this smaller model (in-situ ELO writes its submodel)
 
 
-def normalize_model(model: str) -> str:
-    """A local model directory as an absolute path (so a run compares equal however it was spelled); else as is."""
-    return str(Path(model).resolve()) if Path(model).expanduser().is_dir() else model
-
-
-def check_context(seq_len: int, model: str) -> None:
-    limit = load_config(resolve(model)).max_position_embeddings
-    if seq_len > limit:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens")
-
-
-def checkpoint_sources(directory: Path, config: ModelConfig) -> dict[str, TensorSource]:
-    reader = CheckpointReader(directory)
-    with torch.device("meta"):
-        names = [n for n in Transformer(config).state_dict()
-                 if not (config.tie_word_embeddings and n == "lm_head.weight")]
-    missing = [disk_name(n, config) for n in names if disk_name(n, config) not in reader.weight_map]
-    if missing:
-        raise ValueError(f"checkpoint {directory} lacks {len(missing)} tensor(s) its config needs, e.g. {missing[:3]}")
-    return {n: TensorSource(reader, disk_name(n, config)) for n in names}
+def _spec(selection: Selection, name_or_path: str, trainable: Callable[[str], bool] = lambda name: True) -> ModelSpec:
+    sources = {n: TensorSource(reader, name) for n, (reader, name) in selection.tensors.items()}
+    return ModelSpec(selection.config, sources, name_or_path, trainable=trainable)
 
 
 def full_spec(model: str) -> ModelSpec:
     """The whole model, every parameter training (full fine-tuning)."""
-    directory = resolve(model)
-    config = load_config(directory)
-    return ModelSpec(config, checkpoint_sources(directory, config), model)
+    return _spec(select_full(model), model)
 
 
-def elo_spec(model: str, layers: str, train_embeddings: bool = False) -> ModelSpec:
-    """ELO's submodel: embedding, the chosen decoder layers, final norm and head; only the layers train."""
-    config, reader, names = _detached(model, layers)
-    sources = {n: TensorSource(reader, n) for n in names}
+def elo_spec(model: str, layers: Sequence[int] | str, train_embeddings: bool = False) -> ModelSpec:
+    """ELO's submodel (elo.surgery.select_detached): embedding, the chosen decoder layers, final norm and head;
+    only the layers train."""
     trains = (lambda n: True) if train_embeddings else (lambda n: n.startswith("model.layers."))
-    return ModelSpec(config, sources, model, trainable=trains)
+    return _spec(select_detached(model, layers), model, trains)
 
 
 def spliced_spec(base: str, sub_dir: str | os.PathLike) -> ModelSpec:
-    """The base model with a trained ELO submodel's tensors in place of its own (alignment's starting point),
-    checked to be the base the submodel was detached from; nothing is written to disk."""
-    base_dir, sub_dir = resolve(base), Path(sub_dir)
-    base_config, sub_config = load_config(base_dir), load_config(sub_dir)
-    base_reader = CheckpointReader(base_dir)
-    fp = fingerprint(base_reader.get("model.norm.weight"), base_reader.get_rows("model.embed_tokens.weight", 4))
-    _check_base(sub_config, base_config, fp, f"--base {base}")
-    sources = checkpoint_sources(base_dir, base_config)
-    for name, src in checkpoint_sources(sub_dir, sub_config).items():
-        if name not in sources:
-            raise ValueError(f"submodel tensor {name} has no counterpart in the base {base}")
-        sources[name] = src
-    return ModelSpec(base_config, sources, base)
+    """The base model with a trained ELO submodel's tensors in place of its own (alignment's starting point,
+    elo.surgery.select_spliced); nothing is written to disk."""
+    return _spec(select_spliced(base, sub_dir), base)
+
+
+def in_situ_spec(model: str, layers: Sequence[int] | str, train_embeddings: bool = False) -> ModelSpec:
+    """The whole model with only ELO's chosen layers training: their exact gradients, the middle computed and
+    frozen. The upper bound for any stand-in of the middle, not a method (it costs a full forward and backward).
+    Exported as the ELO submodel, so align.py continues from it as from any ELO run."""
+    submodel = select_detached(model, layers).config
+    prefixes = tuple(f"model.layers.{i}." for i in submodel.layer_ids)
+    spec = full_spec(model)
+    spec.trainable = lambda n: n.startswith(prefixes) or (train_embeddings and not n.startswith("model.layers."))
+    spec.export_config = submodel
+    return spec
 
 
 def train_only_layers(spec: ModelSpec, layers: str) -> ModelSpec:
@@ -137,25 +121,6 @@ def add_lora_spec(spec: ModelSpec, rank: int, alpha: float, seed: int) -> ModelS
                 spec.sources[f"{prefix}.lora_A"] = TensorSource(init=_kaiming(rank, in_f, seed, prefix))
                 spec.sources[f"{prefix}.lora_B"] = TensorSource(init=lambda o=out_f: torch.zeros(o, rank))
     return spec
-
-
-@dataclass(kw_only=True)
-class LoRAOptions:
-    """The LoRA options of a stage's config (train.py's baseline, low-memory alignment, SFT)."""
-    lora_rank: int = field(default=0, metadata=option("train LoRA adapters of this rank on every decoder linear "
-                                                      "instead of the weights (0: off)"))
-    lora_alpha: float | None = field(default=None, metadata=option("LoRA alpha (default 2 * rank)"))
-
-    def validate_lora(self) -> None:
-        if self.lora_rank < 0:
-            raise ValueError(f"--lora-rank {self.lora_rank}: expected 0 (off) or a positive integer")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"--lora-alpha {self.lora_alpha}: expected a positive number")
-
-    def with_lora(self, spec: ModelSpec, seed: int) -> ModelSpec:
-        if not self.lora_rank:
-            return spec
-        return add_lora_spec(spec, self.lora_rank, self.lora_alpha or 2 * self.lora_rank, seed)
 
 
 def _kaiming(rows: int, cols: int, seed: int, name: str) -> Callable[[], Tensor]:
@@ -210,18 +175,18 @@ def _gathered(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float | None = None,
-           extra: Callable[[Path], None] | None = None) -> Path:
+           extra: Callable[[Path], None] | None = None, config: ModelConfig | None = None) -> Path:
     """Write the trained model as an HF checkpoint (LoRA merged), streaming one gathered tensor at a time to the
     main process, which writes it straight into its output shard: no process holds more than its own shards and
-    one full tensor. `extra(tmp)` adds files (e.g. provenance)."""
-    from elo.hf.checkpoint import copy_side_files, write_config, write_shards
-
-    config = model.config
+    one full tensor. `extra(tmp)` adds files (e.g. provenance). `config`: write only the tensors of this smaller
+    model (a submodel config of `model`'s)."""
+    config = config or model.config
     dtype = model.model.embed_tokens.weight.dtype
+    with torch.device("meta"):
+        kept = set(Transformer(config).state_dict())
 
     merged = lora_scale is not None  # adapters fold into their weights: x.weight += scale * x.lora_B @ x.lora_A
-    layout = [(disk_name(n, config), tuple(p.shape), p.dtype) for n, p in model.named_parameters()
-              if not (merged and n.endswith((".lora_A", ".lora_B")))]
+    layout = [(disk_name(n, config), tuple(p.shape), p.dtype) for n, p in model.named_parameters() if n in kept]
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         pending: dict[str, Tensor] = {}
@@ -233,7 +198,8 @@ def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float
                     w, a, b = (pending.pop(f"{prefix}.{k}").float() for k in ("weight", "lora_A", "lora_B"))
                     yield disk_name(f"{prefix}.weight", config), (w + lora_scale * (b @ a)).to(t.dtype).cpu()
                 continue
-            yield disk_name(name, config), t.cpu()
+            if name in kept:  # every tensor is gathered (all processes take part); only the kept ones are written
+                yield disk_name(name, config), t.cpu()
 
     if not d.main:
         for _ in tensors():  # take part in every gather
@@ -246,8 +212,6 @@ def export(model: Transformer, out: Path, d: distributed.Dist, lora_scale: float
         write_config(config, dtype, tmp)
         copy_side_files(resolve(model.name_or_path), tmp)
         if model.middle is not None:  # an ELO submodel's surrogate travels with it (transformers ignores the file)
-            from elo.extensions.middle import save_middle
-
             save_middle(model.middle, tmp)
         if extra is not None:
             extra(tmp)

@@ -33,9 +33,14 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size_from_env() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init() -> Dist:
     """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")

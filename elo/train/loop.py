@@ -12,24 +12,36 @@ same whatever micro-batch or rank it lands on (a mean per micro-batch would rewe
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from elo.train import distributed
-from elo.tools.cli import option
 from elo.data.text import Batch
+from elo.model import Transformer
+from elo.tools.files import atomic_write_text
+from elo.train import distributed
+from elo.train.build import ModelSpec, export
+from elo.train.options import LoopConfig
+from elo.train.flops import train_flops_per_token
+from elo.train.loggers import open_logger
 from elo.train.metrics import StepTimer, format_progress, mfu, peak_flops_info
 from elo.train.run_dir import RunDir
+
+
+class Probe(Protocol):
+    """A measurement some steps add to their metrics record (it must not change the model or the data stream)."""
+
+    def due(self, step: int) -> bool: ...
+    def measure(self, model: nn.Module, source: BatchSource) -> dict[str, float]: ...
 
 
 class BatchSource(Protocol):
@@ -42,62 +54,6 @@ class BatchSource(Protocol):
     def val_batches(self, lang: str, batch_size: int) -> Iterator[Batch]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass(kw_only=True)
-class LoopConfig:
-    """Options every stage shares (optimization, checkpoints, validation). Command-line options derive from these
-    fields (elo.tools.cli.add_dataclass_options)."""
-    out: str = field(metadata=option("run directory (created; --resume continues the run in it)"))
-    seq_len: int = field(default=2048, metadata=option("tokens per sequence"))
-    batch_size: int = field(default=4, metadata=option("sequences per micro-batch per process"))
-    grad_accum: int = field(default=1, metadata=option("micro-batches per optimizer step"))
-    max_steps: int = field(default=1000, metadata=option("optimizer steps"))
-    lr: float = field(default=1e-4, metadata=option("peak learning rate"))
-    min_lr_ratio: float = field(default=0.1, metadata=option("cosine decays to lr * this, in [0, 1]"))
-    warmup_steps: int = field(default=100, metadata=option("linear warmup steps"))
-    weight_decay: float = field(default=0.1, metadata=option("AdamW weight decay (not on norms and biases)"))
-    grad_clip: float = field(default=1.0, metadata=option("clip the gradient norm to this; 0: no clipping"))
-    seed: int = field(default=0, metadata=option("data order and initialisation seed"))
-    save_every: int = field(default=0, metadata=option("train-state checkpoint every N steps (0: none)"))
-    keep_checkpoints: int = field(default=2, metadata=option("keep the newest K checkpoints (0: all)"))
-    eval_every: int = field(default=0, metadata=option("held-out loss every N steps (always at start and end)"))
-    eval_batches: int = field(default=8, metadata=option("validation batches per language"))
-    activation_checkpointing: bool = field(default=False, metadata=option("recompute layer activations in backward"))
-    compile: bool = field(default=False, metadata=option("torch.compile each decoder layer"))
-    resume: bool = field(default=False, metadata=option("continue from the newest complete checkpoint in --out"))
-
-    # may change between a run and its resumption; every other field must match
-    VOLATILE = frozenset({"resume", "save_every", "keep_checkpoints", "eval_every", "eval_batches", "out",
-                          "cache_dir"})
-
-    def validate(self) -> None:
-        """Every option against its range, before any work: a one-line error naming the option."""
-        positive = ["seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches"]
-        non_negative = ["warmup_steps", "save_every", "keep_checkpoints", "eval_every", "seed"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{_flag(name)} {getattr(self, name)}: expected a positive integer")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{_flag(name)} {getattr(self, name)}: expected 0 or a positive integer")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr {self.lr}: expected a positive number")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: expected a number in [0, 1]")
-        for name in ("weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{_flag(name)} {value}: expected 0 or a positive number"
-                                 + (" (0 turns clipping off)" if name == "grad_clip" else ""))
-
-    def record(self) -> dict:
-        """The arguments as written to train_config.json."""
-        return dataclasses.asdict(self)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -165,9 +121,11 @@ class StopRequest:
 
 
 def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distributed.Dist, run: RunDir,
-               flops_per_token: float, label: str, step0_extra: dict | None = None) -> dict:
+               flops_per_token: float, label: str, step0_extra: dict | None = None,
+               probe: Probe | None = None) -> dict:
     """Train `model` on `source` until `cfg.max_steps` (resuming from `run`'s newest checkpoint with --resume).
-    Returns {"steps", "tokens", "seconds"}. `step0_extra` is logged with the step-0 validation record."""
+    Returns {"steps", "tokens", "seconds"}. `step0_extra` is logged with the step-0 validation record; `probe`
+    (e.g. train.py --fidelity-every) adds its measurements to the records of the steps it chooses, step 0 included."""
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=d.device.type == "cuda" and not d.sharded)
     optimizer = make_optimizer(model, cfg, d.device)
     peak, peak_text = peak_flops_info(d.device)
@@ -191,15 +149,22 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
               f"layers), {flops_per_token / 1e9:.2f} GFLOP/token, {d.world_size} process(es) on {d.device.type}, "
               f"global batch {cfg.batch_size * cfg.grad_accum * d.world_size} x {cfg.seq_len} tokens; "
               f"MFU against {peak_text}", flush=True)
+        if cfg.warmup_steps >= cfg.max_steps:
+            print(f"warning: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the run is all warmup "
+                  f"(its last step trains at {lr_at(cfg.max_steps - 1, cfg):.3g}, --lr is {cfg.lr:g})",
+                  file=sys.stderr, flush=True)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if step == 0:  # the starting point, to measure what training changed
         record = {"step": 0, "tokens": 0} | (step0_extra or {}) | validation_loss(
             model, source, cfg.batch_size, cfg.eval_batches, d.device)
+        if probe is not None and probe.due(0):
+            record |= probe.measure(model, source)
         if d.main:
             run.log(record)
             print("step 0 | " + " ".join(f"{k} {v:.4f}" for k, v in record.items() if "loss" in k), flush=True)
     timer = StepTimer(step, cfg.max_steps)
+    timer.reset_peak_memory(d.device)
     model.train()
     with StopRequest() as stop:
         while step < cfg.max_steps:
@@ -215,9 +180,9 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
             # FSDP averages gradients over ranks: scale by world_size so the result is sum / global count
             scale = d.world_size / n_global
             lang_loss = {lang: torch.zeros(2) for lang in source.langs}  # summed loss, tokens
-            for i, batch in enumerate(batches):
-                if d.sharded:
-                    model.set_requires_gradient_sync(i == len(batches) - 1)
+            # each micro-batch's gradients are reduce-scattered as its backward ends (as torchtitan does): deferring
+            # the sync to the last one would hold every rank's gradients unsharded in fp32 meanwhile (30 GB on 8B)
+            for batch in batches:
                 with autocast:
                     loss, per_token = model(batch.inputs.to(d.device), targets=batch.targets.to(d.device),
                                             documents=batch.documents)
@@ -250,6 +215,8 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
             is_last = step == cfg.max_steps
             if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
                 record |= validation_loss(model, source, cfg.batch_size, cfg.eval_batches, d.device)
+            if probe is not None and probe.due(step):
+                record |= probe.measure(model, source)
             if d.main:
                 run.log(record)
                 print(format_progress(record, cfg.max_steps, timer.eta(step)), flush=True)
@@ -267,50 +234,42 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
     return {"steps": step, "tokens": tokens, "seconds": timer.elapsed()}
 
 
-def run_stage(cfg: LoopConfig, model_spec, build_source, label: str, provenance: dict,
-              before_training=None) -> Path:
-    """Everything a stage does once its options are checked: join the process group, build the batch source
-    (`build_source(d)`) and then the model (`model_spec()`, an elo.train.build.ModelSpec; sharded), train, and export the model with a provenance record
-    (`elo_run.json`: `provenance` plus tokens, steps, seconds and the data position).
-    `before_training(model, source, d)` may adjust the source and returns extra fields for the step-0 record."""
-    import json
-
-    from elo.train.build import export, materialize
-    from elo.tools.files import atomic_write_text
-    from elo.train.flops import train_flops_per_token
-
+def fit(cfg: LoopConfig, model: Transformer, spec: ModelSpec, source: BatchSource, d: distributed.Dist, label: str,
+        provenance: dict, extra: dict | None = None, probe: Probe | None = None) -> Path:
+    """Train the materialized `model` (built from `spec`) on `source`, then export it with its provenance record
+    (`elo_run.json`: `provenance` plus tokens, steps, seconds and the data position). `extra`: fields for the step-0
+    metrics record (e.g. the base model's validation loss)."""
     run = RunDir(cfg.out)
-    d = distributed.init()
+    flops = train_flops_per_token(model, cfg.seq_len)
+    if d.main:
+        run.start(cfg.record())
+        run.mirror = open_logger(cfg.log, run.out, label, cfg.record())
     try:
-        source = build_source(d)
-        spec = model_spec()
-        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, getattr(cfg, "cpu_offload", False))
-        fresh = not (cfg.resume and run.complete_checkpoints())
-        extra = before_training(model, source, d, fresh) if before_training else None
-        flops = train_flops_per_token(model, cfg.seq_len)
-        if d.main:
-            run.start(cfg.record())
-        stats = train_loop(cfg, model, source, d, run, flops, label, extra)
-        record = provenance | {"tokens": stats["tokens"], "steps": stats["steps"],
-                               "seconds": round(stats["seconds"], 1), "data_state": source.state_dict()}
-
-        def write_provenance(tmp):
-            atomic_write_text(tmp / "elo_run.json", json.dumps(record, indent=2) + "\n")
-
-        export(model, run.model, d, spec.lora[1] / spec.lora[0] if spec.lora else None, write_provenance)
-        if d.main:
-            print(f"saved {label} model to {run.model}", flush=True)
-        return run.model
+        stats = train_loop(cfg, model, source, d, run, flops, label, extra, probe)
     finally:
-        distributed.close(d)
+        if run.mirror is not None:
+            run.mirror.close()
+    record = provenance | {"tokens": stats["tokens"], "steps": stats["steps"],
+                           "seconds": round(stats["seconds"], 1), "data_state": source.state_dict()}
+
+    def write_provenance(tmp: Path) -> None:
+        atomic_write_text(tmp / "elo_run.json", json.dumps(record, indent=2) + "\n")
+
+    try:
+        export(model, run.model, d, spec.lora[1] / spec.lora[0] if spec.lora else None, write_provenance,
+               spec.export_config)
+    except OSError as e:
+        kept = run.complete_checkpoints()
+        how = (f"the newest checkpoint {kept[-1]} is kept: free space, then rerun with --resume to export from it"
+               if kept else "no checkpoint was written (--save-every 0): free space and train again, with "
+                            "--save-every N to keep a checkpoint")
+        raise OSError(f"writing the model to {run.model} failed ({e.strerror or e}); "
+                      f"{shutil.disk_usage(run.out).free / 1e9:.2f} GB free there; {how}") from e
+    if d.main:
+        print(f"saved {label} model to {run.model}", flush=True)
+    return run.model
 
 
-def check_run_dir(cfg: LoopConfig) -> RunDir | None:
-    """Check `--out` against this run before any work; None when `--resume` finds the run already finished."""
-    run = RunDir(cfg.out)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    run.check(cfg.record(), cfg.resume, cfg.VOLATILE, defaults)
-    if cfg.resume and run.finished:
-        print(f"{run.out} holds a finished run (its model is in {run.model}); nothing to do", flush=True)
-        return None
-    return run
+def resuming(cfg: LoopConfig) -> bool:
+    """Whether this run continues from a checkpoint (so one-time work before step 0 is already done)."""
+    return cfg.resume and bool(RunDir(cfg.out).complete_checkpoints())

@@ -58,6 +58,19 @@ class StepTimer:
         return self.elapsed() / max(1, step - self.start_step) * (self.max_steps - step)
 
     @staticmethod
+    def reset_peak_memory(device: torch.device) -> None:
+        """Start this stage's peak afresh: stages run one after another in one process (the pipeline) would
+        otherwise all report the largest peak so far."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        try:  # Linux: "5" resets VmHWM to the current resident size (proc(5), clear_refs)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # elsewhere the peak stays the process's own
+
+    @staticmethod
     def peak_memory_gb(device: torch.device) -> float:
         if device.type == "cuda":
             return torch.cuda.max_memory_allocated(device) / 1e9

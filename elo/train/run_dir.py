@@ -10,21 +10,86 @@ damaged newest one falls back to the one before, with a warning.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from elo.train import distributed
-from elo.tools.files import MARKER, atomic_write_text, fsync_dir, fsync_tree
+from elo.train.loggers import Logger
+from elo.tools.files import LOCK, MARKER, atomic_write_text, fsync_dir, fsync_tree, is_temp
 
 CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.jsonl"
+# what a stage may write into --out before its run record exists: a rerun redoes it, so it does not make --out "taken"
+BEFORE_RECORD = {"checkpoints", "spliced", "chat_vector", LOCK}
+
+
+# The only classes a train-state checkpoint's metadata pickle names. Resuming reads a run directory that may come
+# from someone else: anything else in it is refused, never imported or called.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                          torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a checkpoint's metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's reader, with the metadata read by an allow-list unpickler."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
+            raise ValueError(f"{path}: refused to load ({e}); this checkpoint was not written by elo") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyperparameters, step counts) loaded as data only, never as arbitrary objects."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn}: refused to load ({str(e).splitlines()[0]})"
+                             ) from None
+        super().load_bytes(read_item, io.BytesIO(_to_bytes(loaded)))
+
+
+def _to_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _finite(value):
@@ -38,6 +103,7 @@ class RunDir:
         self.checkpoints = self.out / "checkpoints"
         self.metrics = self.out / METRICS_NAME
         self.model = self.out / "model"
+        self.mirror: Logger | None = None  # --log: TensorBoard or wandb, fed every record metrics.jsonl gets
 
     # ---- the run's arguments ----
 
@@ -62,7 +128,8 @@ class RunDir:
             if diff:
                 raise ValueError(f"--resume with different arguments than the run in {self.out}: "
                                  + ", ".join(f"{k}={mine.get(k)!r} (was {theirs.get(k)!r})" for k in diff))
-        elif self.out.is_dir() and any(p.name != "checkpoints" for p in self.out.iterdir()) and not resume:
+        elif self.out.is_dir() and not resume and any(p.name not in BEFORE_RECORD and not is_temp(p.name)
+                                                      for p in self.out.iterdir()):
             raise ValueError(f"--out {self.out} is not empty and holds no elo run; choose an empty or new directory")
 
     def start(self, config: dict) -> None:
@@ -79,6 +146,8 @@ class RunDir:
         line = json.dumps({k: _finite(v) for k, v in record.items()}, allow_nan=False)
         with self.metrics.open("a") as f:
             f.write(line + "\n")
+        if self.mirror is not None:
+            self.mirror.log(record)
 
     def records(self) -> list[dict]:
         """The metrics records; a torn last line (a crash mid-write) is dropped."""
@@ -112,9 +181,6 @@ class RunDir:
              keep: int) -> Path:
         """Model, optimizer, data position and RNG, written to a hidden directory that is renamed when complete;
         then all but the newest `keep` (0: all) are removed."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         final = self.checkpoints / f"step_{step:08d}"
         tmp = self.checkpoints / f".tmp-step_{step:08d}"
         if d.main:
@@ -130,9 +196,12 @@ class RunDir:
             if d.main:
                 state = {"step": step, "tokens": tokens, "data": source.state_dict(), "world_size": d.world_size}
                 atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:  # DCP wraps a full disk in a BaseException
             free = shutil.disk_usage(self.checkpoints).free / 1e9
-            raise OSError(f"writing checkpoint {final} failed ({e}); {free:.2f} GB free on its filesystem") from e
+            reason = next((str(exc) for exc, _ in e.failures.values()), str(e)) if isinstance(
+                e, CheckpointException) else str(e)
+            raise OSError(f"writing checkpoint {final} failed ({reason.splitlines()[0]}); {free:.2f} GB free on its "
+                          f"filesystem") from None
         distributed.barrier(d)  # every rank's files are complete
         if d.main:
             fsync_tree(tmp)
@@ -148,8 +217,6 @@ class RunDir:
 
     def load_latest(self, model: nn.Module, optimizer, source, d: distributed.Dist) -> dict | None:
         """Restore the newest complete checkpoint that loads, warning about damaged newer ones; None if none."""
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
         for path in reversed(self.complete_checkpoints()):
             try:
                 return self._load(path, model, optimizer, source, d)
@@ -160,9 +227,6 @@ class RunDir:
         return None
 
     def _load(self, path: Path, model: nn.Module, optimizer, source, d: distributed.Dist) -> dict:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         state = json.loads((path / "trainer_state.json").read_text())
         if state["world_size"] != d.world_size:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes; "
@@ -170,7 +234,15 @@ class RunDir:
         rng = torch.load(path / f"rng_rank{d.rank}.pt", weights_only=True)
         model_state, optim_state = get_state_dict(model, optimizer)
         loaded = {"model": model_state, "optim": optim_state}
-        dcp.load(loaded, checkpoint_id=path, no_dist=not d.sharded)
+        reader = _SafeReader(path)
+        reader.read_metadata()  # here, not inside dcp.load, which would turn a refusal into "damaged, try another"
+        try:
+            dcp.load(loaded, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=not d.sharded)
+        except CheckpointException as e:  # a refused entry is a one-line error, not damage to fall back past
+            refused = [exc for exc, _ in e.failures.values() if isinstance(exc, ValueError)]
+            if refused:
+                raise refused[0] from None
+            raise
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
         source.load_state_dict(state["data"])
         torch.set_rng_state(rng["cpu"])

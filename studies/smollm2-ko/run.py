@@ -76,6 +76,8 @@ ARMS = [
     Arm("seed1-control", "seed1-control.toml", {"align only": "align/model"}, uses_choice=True),
     Arm("seed1-surrogate", "seed1-surrogate.toml", ALIGNED, uses_choice=True),
     Arm("seed1-fft", "seed1-fft.toml", {"fft": "train/model"}),
+    # issue 21, E1: the headroom any stand-in for the middle could reach (ELO's oracle, --in-situ)
+    *[Arm(f"oracle-lr{lr}", f"oracle-lr{lr}.toml", ALIGNED) for lr in ("2e-5", "6e-5", "2e-4")],
     Arm("ja", "ja.toml", {"elo+align": "align/model", "elo spliced": "align/spliced", "fft": "fft/model"},
         ("elo+align", "fft"), lang="ja", uses_choice=True, timed=True),
 ]
