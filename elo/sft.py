@@ -45,6 +45,7 @@ class SFTConfig(LoopConfig, LoRAOptions):
     chat_vector_instruct: str | None = field(default=None, metadata=option("... and its instruct model"))
     chat_vector_ratio: float = field(default=1.0, metadata=option("scale of the chat vector"))
     cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
+    check_sources = True  # not an option: as TextDataConfig.check_sources
 
     def validate(self) -> None:
         if self.epochs is not None and self.max_steps is not None:
@@ -63,7 +64,8 @@ class SFTConfig(LoopConfig, LoRAOptions):
         super().validate()
         if not self.data:
             raise ValueError("no --data given; expected LANG=SOURCE, e.g. --data ko=ko_chats.jsonl")
-        check_data(self.data)
+        if self.check_sources:
+            check_data(self.data)
         if self.mix:
             parse_mix(self.mix)
         self.model = normalize_model(self.model)

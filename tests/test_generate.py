@@ -321,3 +321,14 @@ def test_bad_bench_and_missing_data(tmp_path):
         load_questions("mt-bench", tmp_path)
     with pytest.raises(FileNotFoundError, match="shared/data/eval"):
         load_questions("logickor", tmp_path)
+
+
+def test_limit_answers_only_the_first_questions_with_progress(tmp_path, capsys):
+    data = tmp_path / "eval"
+    (data / "mt_bench").mkdir(parents=True)
+    (data / "mt_bench" / "question.jsonl").write_text("".join(json.dumps(
+        {"question_id": n, "category": "writing", "turns": [f"Q{n}", "And?"]}) + "\n" for n in range(5)))
+    out = generate_answers(tiny_model(), ByteTokenizer(), "mt_bench", data, tmp_path / "a.jsonl", max_new_tokens=2,
+                           limit=2)
+    assert [r["question_id"] for r in read_records(out)] == [0, 1]
+    assert "mt_bench: 2/2 questions answered" in capsys.readouterr().err

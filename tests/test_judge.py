@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -333,3 +334,21 @@ def test_evaluate_generation_without_judge_and_with_a_failing_one(judge, tiny_wi
     assert e.value.code == 2 and "error: the judge graded nothing for logickor" in captured.err
     assert "| logickor | judge score | - | 0 judged" in captured.out and out.is_file()
     assert len(judge.requests) == 3  # three failures in a row, then the rest is skipped
+
+
+@needs_data
+def test_a_judge_that_never_answers_is_given_up_at_the_deadline(tmp_path, capsys):
+    """A server that accepts connections and never replies: the whole grading ends at its deadline (each request
+    waits at most what is left of it), the rest recorded as skipped for a rerun, with progress on stderr."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)  # accepted by the kernel, never answered
+        answers = write_answers(tmp_path / "answers.jsonl", "mt_bench", ids=[81, 82, 83])
+        began = time.monotonic()
+        summary = judge_answers(answers, "mt_bench", EVAL, f"http://127.0.0.1:{server.getsockname()[1]}/v1",
+                                "judge-1", api_key_env="TEST_JUDGE_KEY", retries=0, timeout_s=300.0, deadline_s=1.5)
+    assert time.monotonic() - began < 20
+    errors = [r["error"] for r in judgments(summary)]
+    assert summary["n_judged"] == 0 and len(errors) == 6
+    assert any("deadline of 2s passed" in e for e in errors)  # 1.5 s, shown rounded
+    assert "judge mt_bench: 6/6 judged" in capsys.readouterr().err

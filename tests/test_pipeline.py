@@ -264,16 +264,44 @@ def test_quickstart_dry_run_reads_only_the_bundled_sample(no_hub, tmp_path, caps
     assert all((quickstart.parent / path).resolve().is_relative_to(REPO / "examples" / "data") for path in paths)
 
 
-def test_dry_run_on_every_recipe(no_hub, tmp_path, capsys):
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present: the paper and study recipes train on it")
+def test_dry_run_on_every_recipe(no_hub, offline_hub, tmp_path, capsys):
+    """The paper recipes read Hub datasets: offline, with an empty cache, the dry run says which it could not check
+    and checks everything else."""
     recipes = sorted((REPO / "recipes").glob("*.toml"))
     assert {r.name for r in recipes} >= {"quickstart.toml", "llama3.1-8b-ko.toml", "mistral-7b-v0.3-ko.toml",
                                          "qwen2-7b-ko.toml", "llama3.1-8b-ja.toml"}
+    for r in recipes:
+        pipeline.main([str(r), "--dry-run", "--out", str(tmp_path / r.stem)])
+        printed = capsys.readouterr().out
+        assert "dry run: every stage checked" in printed and not (tmp_path / r.stem).exists(), r
+        if r.name != "quickstart.toml":
+            assert "note: data.en.pretrain: hf://datasets/wikimedia/wikipedia/20231101.en/*.parquet?tokens=400M is " \
+                   "not in the local Hugging Face cache: not checked offline" in printed, r
+            assert "is not in the local Hugging Face cache: not checked offline" in printed.split("== stage evaluate")[1]
+    if not DATA.is_dir():
+        pytest.skip("../shared/data is not present: the study recipes train on it (the paper recipes were checked)")
     study = sorted((REPO / "studies").glob("*/recipes/*.toml"))
     assert len(study) >= 10
-    for r in recipes + study:
+    for r in study:
         dry_run(r, tmp_path / r.parent.parent.name / r.stem, capsys)
+
+
+def test_dry_run_resolves_a_cached_hub_dataset(no_hub, offline_hub, tmp_path, capsys):
+    """A Hub dataset the cache holds is resolved before any work: its commit and shard count are printed."""
+    import pyarrow
+    import pyarrow.parquet
+
+    repo, commit = offline_hub / "datasets--wikimedia--wikipedia", "c" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for i in range(2):
+        shard = repo / "snapshots" / commit / "20231101.ko" / f"train-{i}.parquet"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"text": "안녕하세요 " * 50}] * 4), shard)
+    pipeline.main([str(REPO / "recipes" / "llama3.1-8b-ko.toml"), "--dry-run", "--out", str(tmp_path / "r")])
+    printed = capsys.readouterr().out
+    assert (f"note: data.ko.pretrain: hf://datasets/wikimedia/wikipedia/20231101.ko/*.parquet at commit {commit}, "
+            f"2 shard(s)") in printed
 
 
 BAD = [

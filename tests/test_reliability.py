@@ -229,3 +229,18 @@ def test_chat_names_a_submodel_as_such(tmp_path, tiny_with_tokenizer):
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"note: {sub} is an ELO submodel (2 of 4 layers of" in result.stderr
+
+
+def test_two_processes_tokenizing_one_corpus_tokenize_it_once(tmp_path, tiny_with_tokenizer):
+    corpus = tmp_path / "ko.jsonl"
+    corpus.write_text((SAMPLE / "pretrain" / "ko_wikipedia.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    code = ("import sys, elo; from elo.data.text import tokenize_files; "
+            f"t, path, secs = tokenize_files([{str(corpus)!r}], elo.load_tokenizer({str(tiny_with_tokenizer)!r}), "
+            f"{str(tmp_path / 'cache')!r}); print('tokenized' if secs is not None else 'cached', len(t))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO))) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    words = sorted(out.split()[0] for out, _ in outputs)
+    assert words == ["cached", "tokenized"] and len({out.split()[1] for out, _ in outputs}) == 1
+    assert [f.name for f in (tmp_path / "cache").iterdir() if not f.name.endswith(".bin")] == []

@@ -405,3 +405,18 @@ def test_in_situ_step_equals_a_full_step_on_those_layers_and_exports_the_submode
     torch.testing.assert_close(sub.get("model.embed_tokens.weight"), base.get("model.embed_tokens.weight"), rtol=0,
                                atol=0)  # not trained: exactly the base's
     assert find_submodel(str(in_situ)).run["mode"] == "in-situ"  # align.py takes it as an ELO run
+
+
+def test_peak_flops_sets_what_mfu_is_measured_against(run_env, tmp_path):
+    """MFU = FLOPs per token x tokens/s / peak: with --peak-flops the same run implies the same FLOPs per token
+    whatever peak is given, so MFU scales exactly as 1 / peak."""
+    _, _, env = run_env
+    per_token = {}
+    for peak in ("1e15", "4e15"):
+        out = tmp_path / peak
+        result = run([sys.executable, "train.py", *args(run_env, out, "--max-steps", "2", "--peak-flops", peak)], env)
+        assert f"MFU against --peak-flops {float(peak):.3g} FLOP/s per process" in result.stdout
+        steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "mfu" in r]
+        per_token[peak] = [r["mfu"] * float(peak) / r["tokens_per_s"] for r in steps]
+    assert per_token["1e15"] == pytest.approx(per_token["4e15"], rel=1e-9)
+    assert len(set(round(x, 3) for x in per_token["1e15"])) == 1

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from elo.data.sources import Listing, Shard, parse_source
-from elo.tools.files import atomic_file, cache_root
+from elo.tools.files import atomic_file, cache_root, one_at_a_time
 
 _CHUNK_CHARS = 1 << 20  # characters handed to encode_batch at a time: big enough for its threads, small in memory
 _MAX_VAL_SEQUENCES = 64
@@ -156,19 +156,20 @@ def tokenize_files(sources: Iterable[str | os.PathLike], tokenizer: TextTokenize
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f"{key}.{dtype.name}.bin"
-    if cache.is_file():
-        tokens = _open_tokens(cache, dtype)
-        if tokens is not None:
-            return tokens, cache, None
-        warnings.warn(f"token cache {cache} is incomplete (truncated or damaged); tokenizing again", stacklevel=2)
+    with one_at_a_time(cache):  # two ranks or jobs tokenizing one corpus: the second waits and reads the first's cache
+        if cache.is_file():
+            tokens = _open_tokens(cache, dtype)
+            if tokens is not None:
+                return tokens, cache, None
+            warnings.warn(f"token cache {cache} is incomplete (truncated or damaged); tokenizing again", stacklevel=2)
 
-    start = time.perf_counter()
-    with atomic_file(cache, "wb") as f:
-        f.write(_HEADER.pack(_CACHE_MAGIC, 0))
-        count = sum(_write_tokens(f, listing, tokenizer, field, dtype) for listing in listings)
-        f.seek(0)
-        f.write(_HEADER.pack(_CACHE_MAGIC, count))
-    return _open_tokens(cache, dtype), cache, time.perf_counter() - start
+        start = time.perf_counter()
+        with atomic_file(cache, "wb") as f:
+            f.write(_HEADER.pack(_CACHE_MAGIC, 0))
+            count = sum(_write_tokens(f, listing, tokenizer, field, dtype) for listing in listings)
+            f.seek(0)
+            f.write(_HEADER.pack(_CACHE_MAGIC, count))
+        return _open_tokens(cache, dtype), cache, time.perf_counter() - start
 
 
 def _write_tokens(f: BinaryIO, listing: Listing, tokenizer: TextTokenizer, field: str, dtype: np.dtype) -> int:

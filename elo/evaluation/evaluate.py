@@ -141,6 +141,8 @@ def check_options(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             raise ValueError(f"{option} {value}: expected an integer >= {low}" + (" (omit it for all)" if option in
                                                                                   ("--max-docs", "--limit") else ""))
+    if not (math.isfinite(args.judge_deadline) and args.judge_deadline > 0):
+        raise ValueError(f"--judge-deadline {args.judge_deadline}: expected a positive number of seconds")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -182,17 +184,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, help="benchmarks as JSONL files, offline (default for --tasks: the Hugging "
                    "Face Hub datasets lm-eval reads)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's lm-eval default)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (MMLU: subject)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (MMLU: subject), "
+                                             "and answer only the first N questions of each --generate benchmark")
     p.add_argument("--generate", help=f"comma-separated, from: {', '.join(GENERATION_BENCHES)}")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--gen-batch", type=int, default=8, help="questions --generate answers at once")
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint grading the generated answers")
     p.add_argument("--judge-model")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument("--judge-deadline", type=float, default=1800.0,
+                   help="seconds the judge gets per benchmark in all; what is left is recorded as skipped, for a rerun")
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--compare", nargs="+", type=Path, metavar="RESULTS", help="print result files side by side")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
+
+
+def answer_and_judge(args: argparse.Namespace, model, tokenizer, benches: list[str], results: dict) -> None:
+    """--generate: answer each benchmark's questions (appending to an answers file beside --out), then grade them
+    with the judge when one is given; fills results["generation"] bench by bench."""
+    for bench in benches:
+        answers = args.out.with_name(f"{args.out.stem}.{bench}.answers.jsonl")
+        generate_answers(model, tokenizer, bench, args.data_dir, answers, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.gen_batch, limit=args.limit)
+        questions = args.data_dir / QUESTION_FILES[bench]
+        results["data_files"][str(questions)] = sha256_file(questions)
+        results["generation"][bench] = None
+        if args.judge_url:
+            results["generation"][bench] = judge_answers(answers, bench, args.data_dir, args.judge_url,
+                                                         args.judge_model, api_key_env=args.judge_key_env,
+                                                         deadline_s=args.judge_deadline)
+        else:
+            print(f"{bench}: answers in {answers}; not graded (no --judge-url): rerun with --judge-url URL "
+                  f"--judge-model NAME to grade them", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,6 +263,11 @@ def run(args: argparse.Namespace) -> None:
 
     start = time.time()
     model = elo.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if model.config.elo is not None:
+        print(f"note: {args.model} is an ELO submodel ({len(model.config.layer_ids)} of "
+              f"{model.config.elo['base_num_hidden_layers']} layers of {model.config.elo['base']}), not a whole model: "
+              f"its scores are the submodel's own; splice it into its base first (align.py --save-spliced, or "
+              f"elo.splice_checkpoint) to evaluate ELO", file=sys.stderr, flush=True)
     tokenizer = elo.load_tokenizer(args.model)
     seq_len = args.seq_len or context
     results: dict = {
@@ -273,19 +302,14 @@ def run(args: argparse.Namespace) -> None:
                                                        args.limit, args.batch_tokens, Progress(f"task {name}"))
     if benches:
         results["generation"] = {}
-        for bench in benches:
-            answers = args.out.with_name(f"{args.out.stem}.{bench}.answers.jsonl")
-            generate_answers(model, tokenizer, bench, args.data_dir, answers, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.gen_batch)
-            questions = args.data_dir / QUESTION_FILES[bench]
-            results["data_files"][str(questions)] = sha256_file(questions)
-            results["generation"][bench] = None
-            if args.judge_url:
-                results["generation"][bench] = judge_answers(answers, bench, args.data_dir, args.judge_url,
-                                                             args.judge_model, api_key_env=args.judge_key_env)
-            else:
-                print(f"{bench}: answers in {answers}; not graded (no --judge-url): rerun with --judge-url URL "
-                      f"--judge-model NAME to grade them", flush=True)
+        try:
+            answer_and_judge(args, model, tokenizer, benches, results)
+        except KeyboardInterrupt:  # keep what was computed: perplexities, task scores, the judged benches
+            results["interrupted"] = "during generation or judging; answers and judgments so far are kept beside"
+            atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=2))
+            print(f"interrupted: the results so far are in {args.out}; rerun the same command to continue",
+                  file=sys.stderr, flush=True)
+            raise
     results["elapsed_s"] = round(time.time() - start, 1)
     print(results_table(results), flush=True)  # first, so that a failed write loses nothing shown
     atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=2))

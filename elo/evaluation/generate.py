@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -245,17 +246,18 @@ def answer_text(tokenizer: Any, ids: list[int]) -> str:
 
 def generate_answers(model: Any, tokenizer: Any, bench: str, data_dir: Path, out_path: Path,
                      max_new_tokens: int = 1024, temperature: float = 0.0, model_id: str | None = None,
-                     batch_size: int = 1) -> Path:
+                     batch_size: int = 1, limit: int | None = None) -> Path:
     """Answer every question of `bench` (both turns, the second seeing the first answer) and append FastChat answer
     records {question_id, answer_id, model_id, choices: [{index, turns}], tstamp} to `out_path`. Questions already
     answered in `out_path` are skipped. FastChat samples some categories at temperature 0.7; we decode greedily by
     default so that runs are reproducible. `model_id` defaults to the model directory's name. `batch_size` questions
     are decoded together (greedy answers are the same whatever it is); their records are appended once both turns of
-    all of them are done."""
+    all of them are done. `limit`: only the first that many questions. Progress (questions done, elapsed, ETA) goes
+    to stderr after each batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_path = Path(out_path)
-    questions = load_questions(bench, data_dir)
+    questions = load_questions(bench, data_dir)[:limit]
     if model_id is None:
         model_id = Path(model.name_or_path).name if getattr(model, "name_or_path", None) else "elo"
     done = set()
@@ -267,6 +269,7 @@ def generate_answers(model: Any, tokenizer: Any, bench: str, data_dir: Path, out
     stop = chat_stop_ids(model, tokenizer)
     todo = [q for q in questions if q["question_id"] not in done]
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
     with open(out_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             group = todo[start:start + batch_size]
@@ -282,4 +285,7 @@ def generate_answers(model: Any, tokenizer: Any, bench: str, data_dir: Path, out
                 append_record(f, {"question_id": q["question_id"], "answer_id": uuid.uuid4().hex,
                                   "model_id": model_id, "choices": [{"index": 0, "turns": answers}],
                                   "tstamp": time.time()})
+            done_now, elapsed = start + len(group), time.monotonic() - began
+            print(f"{bench}: {len(done) + done_now}/{len(questions)} questions answered, {elapsed:.0f}s, ETA "
+                  f"{elapsed / done_now * (len(todo) - done_now):.0f}s", file=sys.stderr, flush=True)
     return out_path

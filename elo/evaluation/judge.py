@@ -22,6 +22,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -212,9 +213,11 @@ def default_judgments_path(answers_path: Path, judge_model: str) -> Path:
 
 def judge_answers(answers_path: Path, bench: str, data_dir: Path, judge_url: str, judge_model: str,
                   api_key_env: str = "OPENAI_API_KEY", out_path: Path | None = None, retries: int = 5,
-                  backoff_s: float = 2.0, timeout_s: float = 300.0) -> dict:
+                  backoff_s: float = 2.0, timeout_s: float = 300.0, deadline_s: float = 1800.0) -> dict:
     """Grade both turns of every answer in `answers_path` (generate_answers' output) and append the judgments to
-    `out_path` (default: beside the answers, named after the judge). Returns `summarize`'s dict."""
+    `out_path` (default: beside the answers, named after the judge). Returns `summarize`'s dict. The whole grading
+    gets `deadline_s` seconds (no request waits past it; what is left is recorded as skipped, so a rerun grades it),
+    and reports its progress on stderr."""
     answers_path = Path(answers_path)
     if not answers_path.is_file():
         raise FileNotFoundError(f"no answers file at {answers_path}; expected generate_answers' output")
@@ -238,8 +241,11 @@ def judge_answers(answers_path: Path, bench: str, data_dir: Path, judge_url: str
             done.discard((r["question_id"], r["turn"]))
 
     failures_in_a_row = 0
+    answers = read_records(answers_path, repair=False)
+    todo = sum((a["question_id"], t) not in done for a in answers for t in (1, 2))
+    start, graded = time.monotonic(), 0
     with open(out_path, "a", encoding="utf-8") as f:
-        for answer in read_records(answers_path, repair=False):
+        for answer in answers:
             qid = answer["question_id"]
             if qid not in by_id:
                 raise ValueError(f"{answers_path}: question {qid!r} is not a {bench} question")
@@ -249,12 +255,15 @@ def judge_answers(answers_path: Path, bench: str, data_dir: Path, judge_url: str
                     continue
                 name, system, user = build_prompt(bench, prompts, question, turns, turn, refs.get(qid))
                 judgment, score, error = "", -1.0, None
+                left = deadline_s - (time.monotonic() - start)
                 if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
                     error = f"skipped: the judge failed {failures_in_a_row} times in a row"
+                elif left <= 0:
+                    error = f"skipped: the judge's deadline of {deadline_s:.0f}s passed"
                 else:
                     try:
                         judgment = chat_completion(url, judge_model, system, user, api_key, retries, backoff_s,
-                                                   timeout_s)
+                                                   min(timeout_s, left))
                         failures_in_a_row = 0
                         score = parse_rating(judgment)
                         error = None if score >= 0 else "no [[rating]] in the judgment"
@@ -265,6 +274,10 @@ def judge_answers(answers_path: Path, bench: str, data_dir: Path, judge_url: str
                                   "category": question["category"], "turn": turn, "judge": [judge_model, name],
                                   "user_prompt": user, "judgment": judgment, "score": score, "error": error,
                                   "tstamp": time.time()})
+                graded += 1
+                elapsed = time.monotonic() - start
+                print(f"judge {bench}: {graded}/{todo} judged, {elapsed:.0f}s, ETA {elapsed / graded * (todo - graded):.0f}s"
+                      + (f"; last: {error}" if error else ""), file=sys.stderr, flush=True)
     return summarize(out_path, bench, data_dir)
 
 

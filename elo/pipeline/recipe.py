@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setup.py installs it there)
@@ -77,6 +79,7 @@ class Plan:
     nnodes: int = 1
     node_rank: int = 0  # this node's index; node 0 also runs the chat vector, evaluation and the report
     rdzv_endpoint: str | None = None  # HOST:PORT of torchrun's c10d rendezvous (several nodes)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what reading the recipe resolved or could not check
 
     @property
     def world_size(self) -> int:
@@ -155,7 +158,9 @@ def _local(value: str, base: Path) -> str:
     return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.is_dir() else value
 
 
-def _files(key: str, value, base: Path) -> list[str]:
+def _files(key: str, value, base: Path, notes: list[str]) -> list[str]:
+    """A data key's sources, each checked: local files found; a Hub dataset resolved to its commit and shards (a
+    note says what), or, offline and not cached, noted as not checkable here (its stage checks it again)."""
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise _key_error(key, f"{value!r}: expected a path or a list of paths (relative to the recipe file)")
@@ -163,9 +168,14 @@ def _files(key: str, value, base: Path) -> list[str]:
     for v in values:
         source = parse_source(v, base)  # a local path relative to the recipe file; hf://datasets/... as it is
         try:
-            source.list_shards()
+            listing = source.list_shards()
         except (FileNotFoundError, ValueError) as e:
-            raise _key_error(key, str(e)) from None
+            if not (source.repo_id and hub_constants.HF_HUB_OFFLINE):
+                raise _key_error(key, str(e)) from None
+            notes.append(f"{key}: {source.spec} is not in the local Hugging Face cache: not checked offline")
+        else:
+            if source.repo_id:
+                notes.append(f"{key}: {source.spec} at commit {listing.commit}, {len(listing.shards)} shard(s)")
         out.append(source.spec)
     return out
 
@@ -210,7 +220,7 @@ def read_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     return recipe
 
 
-def _read_data(r: dict, base: Path) -> dict[str, dict[str, list[str]]]:
+def _read_data(r: dict, base: Path, notes: list[str]) -> dict[str, dict[str, list[str]]]:
     """`[data.LANG]` tables -> {lang: {kind: [absolute paths]}}, every file checked."""
     if not isinstance(r.get("data", {}), dict):
         raise _key_error("data", "expected tables [data.LANG] with pretrain / align / sft files")
@@ -221,7 +231,7 @@ def _read_data(r: dict, base: Path) -> dict[str, dict[str, list[str]]]:
         for kind, value in kinds.items():
             if kind not in DATA_KINDS:
                 raise _key_error(f"data.{lang}.{kind}", f"unknown; a language has {', '.join(DATA_KINDS)}")
-            data.setdefault(lang, {})[kind] = _files(f"data.{lang}.{kind}", value, base)
+            data.setdefault(lang, {})[kind] = _files(f"data.{lang}.{kind}", value, base, notes)
     return data
 
 
@@ -321,7 +331,8 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None, o
     for stage, needed in NEEDS.items():
         if stage in r and needed not in r:
             raise _key_error(stage, f"the {stage} stage needs the {needed} stage (its input), which the recipe lacks")
-    data = _read_data(r, base)
+    notes: list[str] = []
+    data = _read_data(r, base, notes)
     train_table = dict(r.get("train", {}))
     _check_table("train", train_table, TrainConfig, base)
 
@@ -352,7 +363,8 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None, o
     eval_models = {}
     if "evaluate" in r:
         stages["evaluate"], eval_models = _plan_evaluate(dict(r["evaluate"]), r, model, out, stages, base)
-    return Plan(recipe_path, list(overrides), out, nproc, model, stages, eval_models, nnodes, node_rank, rdzv_endpoint)
+    return Plan(recipe_path, list(overrides), out, nproc, model, stages, eval_models, nnodes, node_rank, rdzv_endpoint,
+                notes)
 
 
 def _nodes(r: dict) -> tuple[int, int, str | None]:

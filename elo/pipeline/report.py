@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import platform
 import shlex
@@ -117,8 +118,14 @@ def figures(p, report: dict, plt) -> list[str]:
             fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.2), squeeze=False)
             for ax, (title, values) in zip(axes[0], panels):
                 ax.bar(models, [v if v is not None else 0 for v in values])
+                known = [v for v in values if v is not None]
+                if known:  # the axis spans the values, not 0: the differences are what the panel is for
+                    low, high = min(known), max(known)
+                    pad = (high - low) * 0.25 or abs(high) * 0.05 or 0.05
+                    ax.set_ylim(low - pad, high + pad)
                 ax.set_title(title, fontsize=9)
-                ax.tick_params(axis="x", rotation=45, labelsize=8)
+                ax.tick_params(axis="x", labelsize=8)
+                plt.setp(ax.get_xticklabels(), rotation=40, ha="right")  # right-anchored: long names do not collide
             _save(fig, p.out / "comparison.png")
             plt.close(fig)
             written.append("comparison.png")
@@ -127,6 +134,54 @@ def figures(p, report: dict, plt) -> list[str]:
 
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _score(task: dict | None) -> float | None:
+    """A task's headline score: macro F1 where the task reports it (KoBEST, as the paper), else accuracy."""
+    return None if not task else task.get("f1", task.get("acc"))
+
+
+def _stderr(task: dict | None) -> float | None:
+    score, n = _score(task), (task or {}).get("n")
+    return None if score is None or not n else math.sqrt(score * (1 - score) / n)
+
+
+def _task_cell(task: dict | None) -> str:
+    if not task:
+        return "-"
+    se, n = _stderr(task), task.get("n")
+    return f"{_score(task):.1%}".rstrip("%") + (f" ± {se:.1%}".rstrip("%") + f" (n={n})" if se is not None else "")
+
+
+def _best(column: str, values: dict[str, float | None]) -> str | None:
+    known = {m: v for m, v in values.items() if v is not None}
+    if len(known) < 2:
+        return None
+    return (min if column.endswith("ppl") else max)(known, key=known.get)
+
+
+def reading(evaluation: dict, columns: dict[str, dict], best: dict[str, str | None]) -> str:
+    """One paragraph, computed from the numbers: per column, the best model against the base, and whether task
+    differences exceed two standard errors (perplexity carries no noise estimate here: one pass over fixed text)."""
+    parts = []
+    for column, values in columns.items():
+        winner = best[column]
+        if winner is None:
+            continue
+        base = values.get("base")
+        if column.endswith("ppl"):
+            versus = f" (base {base:.3f})" if base is not None and winner != "base" else ""
+            parts.append(f"lowest {column}: {winner}, {values[winner]:.3f}{versus}")
+            continue
+        se = max((_stderr(evaluation[m]["tasks"].get(column)) or 0.0) for m in (winner, "base") if m in evaluation)
+        if base is None or winner == "base":
+            parts.append(f"{column}: best {winner} ({values[winner]:.1%})")
+        elif values[winner] - base > 2 * se:
+            parts.append(f"{column}: {winner} beats base by {values[winner] - base:.1%}, more than 2 standard errors")
+        else:
+            parts.append(f"{column}: best {winner} ({values[winner]:.1%}) but within 2 standard errors of base "
+                         f"({base:.1%}, ±{se:.1%}): no model differs from the base beyond noise")
+    return "; ".join(parts) + "." if parts else "nothing to compare (fewer than two models scored)."
 
 
 def markdown(report: dict) -> str:
@@ -156,14 +211,19 @@ def markdown(report: dict) -> str:
                   f"{report['evaluation_wall_s']} s of wall time.", "",
                   "| model | " + " | ".join([f"{l} held-out ppl" for l in langs] + tasks) + " |",
                   "|---" * (1 + len(langs) + len(tasks)) + "|"]
+        columns = {f"{l} held-out ppl": {m: e["heldout"].get(l, {}).get("perplexity") for m, e in evaluation.items()}
+                   for l in langs}
+        columns |= {t: {m: _score(e["tasks"].get(t)) for m, e in evaluation.items()} for t in tasks}
+        best = {c: _best(c, values) for c, values in columns.items()}
         for m, e in evaluation.items():
-            cells = [_fmt(e["heldout"].get(l, {}).get("perplexity"), ".3f") for l in langs]
-            for t in tasks:
-                r = e["tasks"].get(t) or {}
-                cells.append(_fmt(r.get("f1", r.get("acc")), ".2%").rstrip("%") if r else "-")
+            cells = []
+            for c, values in columns.items():
+                text = _fmt(values[m], ".3f") if c.endswith("ppl") else _task_cell(e["tasks"].get(c))
+                cells.append(f"**{text}**" if m == best[c] else text)
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        if tasks:
-            lines += ["", "Tasks: KoBEST tasks report macro F1, others accuracy (in %)."]
+        lines += ["", "Bold: the best model in each column. Tasks: KoBEST tasks report macro F1, others accuracy, in %, "
+                  "± the binomial standard error of a score over n examples (sqrt(p (1 - p) / n)), n the examples "
+                  "scored.", "", "**Reading.** " + reading(evaluation, columns, best)]
     if report["figures"]:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     lines += ["", "## Commands", "", "Each number above is reproduced by:", "", "```bash"]

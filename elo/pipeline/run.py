@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
+
 from elo.align import parse_tokens
 from elo.align import plan as align_plan
 from elo.chat_vector import POLICIES, add_chat_vector
@@ -55,6 +57,7 @@ def stage_config(p: Plan, stage: Stage):
     """The stage's config as its script parses it from `stage.argv`, checked as the stage checks it before any
     work (model files only when local: a hub id is not downloaded)."""
     cfg = parse_config(CONFIGS[stage.name], stage.argv, stage.name)
+    cfg.check_sources = False  # reading the recipe checked them (and noted Hub datasets it could not check offline)
     if stage.name == "align":
         if p.stages["train"].finished:
             align_plan(cfg, p.world_size)
@@ -92,15 +95,28 @@ def _check_chat_vector(stage: Stage) -> list[str]:
     return notes
 
 
-def _check_evaluate(argv: list[str]) -> None:
+def _check_evaluate(argv: list[str]) -> list[str]:
+    """evaluate.py's own checks, and its benchmark files found: in the data dir, or in the Hugging Face cache (online:
+    fetched; offline and not cached: a note, the evaluation checks them again)."""
     ev = evaluate_module
     args = ev.parse_args(argv)
     ev.check_options(args)
     groups = tasks.expand(ev.split_names(args.tasks))
+    uncached: dict[str, list[str]] = {}  # Hub dataset -> tasks of it not checked offline
     for t in dict.fromkeys(t for ts in groups.values() for t in ts):
-        for f in tasks.data_files(tasks.TASKS[t], args.data_dir, args.num_fewshot):
+        try:
+            files = tasks.data_files(tasks.TASKS[t], args.data_dir, args.num_fewshot)
+        except FileNotFoundError:
+            if args.data_dir is not None or not hub_constants.HF_HUB_OFFLINE:
+                raise
+            uncached.setdefault(tasks.TASKS[t].hub.dataset, []).append(t)
+            continue
+        for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"evaluate: data file {f} not found (is evaluate.data_dir right?)")
+    return [f"evaluate: Hub dataset {dataset} ({len(names)} task(s): {', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) is not in the local Hugging Face cache: not checked offline"
+            for dataset, names in uncached.items()]
 
 
 def banner(text: str) -> None:
@@ -185,7 +201,7 @@ def check_stage(p: Plan, stage: Stage, existing: bool = True) -> list[str]:
                              f"--from chat_vector")
     else:
         for argv in stage.evals.values():
-            _check_evaluate(argv)
+            notes += [n for n in _check_evaluate(argv) if n not in notes]
         if "base" in p.eval_models and _is_hub_id(p.eval_models["base"]):
             notes.append(f"base model {p.eval_models['base']!r} is a hub id: not checked offline")
     return notes
@@ -194,6 +210,8 @@ def check_stage(p: Plan, stage: Stage, existing: bool = True) -> list[str]:
 def dry_run(p: Plan) -> None:
     """Print every stage's commands and check its arguments, data and (local) models; trains nothing."""
     check_out(p.out)
+    for note in p.notes:
+        print(f"note: {note}", flush=True)
     for name, stage in p.stages.items():
         banner(f"stage {name} (dry run)")
         for command in p.commands(stage).values():

@@ -128,7 +128,8 @@ def train_loop(cfg: LoopConfig, model: nn.Module, source: BatchSource, d: distri
     (e.g. train.py --fidelity-every) adds its measurements to the records of the steps it chooses, step 0 included."""
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=d.device.type == "cuda" and not d.sharded)
     optimizer = make_optimizer(model, cfg, d.device)
-    peak, peak_text = peak_flops_info(d.device)
+    peak, peak_text = ((cfg.peak_flops, f"--peak-flops {cfg.peak_flops:.3g} FLOP/s per process") if cfg.peak_flops
+                       else peak_flops_info(d.device))
     peak *= d.world_size
 
     step = tokens = 0

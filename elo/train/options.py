@@ -43,13 +43,16 @@ class LoopConfig:
     activation_checkpointing: bool = field(default=False, metadata=option("recompute layer activations in backward"))
     compile: bool = field(default=False, metadata=option("torch.compile each decoder layer"))
     resume: bool = field(default=False, metadata=option("continue from the newest complete checkpoint in --out"))
+    peak_flops: float | None = field(default=None, metadata=option(
+        "the FLOP/s per process that MFU is measured against (default: a known GPU's bf16 dense peak; on CPU the "
+        "fp32 matmul rate measured at start-up, which a busy machine lowers)"))
     log: str | None = field(default=None, metadata=option(
         "also log every metrics.jsonl field to 'tensorboard' (--out/tensorboard) or 'wandb' (WANDB_MODE=offline "
         "works without network); metrics.jsonl stays the record"))
 
     # may change between a run and its resumption; every other field must match
     VOLATILE = frozenset({"resume", "save_every", "keep_checkpoints", "eval_every", "eval_batches", "out",
-                          "cache_dir", "log"})
+                          "cache_dir", "log", "peak_flops"})
 
     def validate(self) -> None:
         """Every option against its range, before any work: a one-line error naming the option."""
@@ -62,6 +65,8 @@ class LoopConfig:
             if getattr(self, name) is not None and getattr(self, name) < 0:  # warmup None: a stage derives it
                 raise ValueError(f"{_flag(name)} {getattr(self, name)}: expected 0 or a positive integer")
         check_logger(self.log)
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            raise ValueError(f"--peak-flops {self.peak_flops}: expected a positive number of FLOP/s, e.g. 9.89e14")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr {self.lr}: expected a positive number")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -132,11 +137,14 @@ class TextDataConfig:
     val_tokens: int | None = field(default=None, metadata=option("held-out tokens per language (default: 1%%, at "
                                                                 "most 64 sequences)"))
     cache_dir: str | None = field(default=None, metadata=option("token cache directory (default ~/.cache/elo/data)"))
+    # not an option: the pipeline checks a recipe's sources once, itself, noting Hub datasets it cannot check offline
+    check_sources = True
 
     def validate_data(self, seq_len: int) -> None:
         if not self.data:
             raise ValueError("no --data given; expected LANG=SOURCE, e.g. --data ko=ko.jsonl")
-        check_data(self.data)
+        if self.check_sources:
+            check_data(self.data)
         if self.mix:
             parse_mix(self.mix)
         if self.val_tokens is not None and self.val_tokens < seq_len + 1:
