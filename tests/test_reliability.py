@@ -244,3 +244,40 @@ def test_two_processes_tokenizing_one_corpus_tokenize_it_once(tmp_path, tiny_wit
     words = sorted(out.split()[0] for out, _ in outputs)
     assert words == ["cached", "tokenized"] and len({out.split()[1] for out, _ in outputs}) == 1
     assert [f.name for f in (tmp_path / "cache").iterdir() if not f.name.endswith(".bin")] == []
+
+
+def _ppl_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ko.jsonl"
+    path.write_text(json.dumps({"text": "안녕하세요. 서울은 한국의 수도입니다."}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_evaluate_names_a_submodel_as_such(tmp_path, tiny_with_tokenizer, capsys):
+    from elo.evaluation import evaluate
+
+    sub = tmp_path / "sub"
+    elo.detach_checkpoint(tiny_with_tokenizer, "1,4", sub)
+    evaluate.main(["--model", str(sub), "--ppl", f"ko={_ppl_file(tmp_path)}", "--seq-len", "16",
+                   "--out", str(tmp_path / "r.json")])
+    assert f"note: {sub} is an ELO submodel (2 of 4 layers of" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_generation_keeps_the_results_computed_before(tmp_path, tiny_with_tokenizer, monkeypatch):
+    from elo.evaluation import evaluate
+
+    questions = tmp_path / "eval" / "mt_bench" / "question.jsonl"
+    questions.parent.mkdir(parents=True)
+    questions.write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["Hi", "Again"]}) + "\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "generate_answers", interrupted)
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["--model", str(tiny_with_tokenizer), "--ppl", f"ko={_ppl_file(tmp_path)}", "--seq-len", "16",
+                       "--generate", "mt_bench", "--max-new-tokens", "8", "--data-dir", str(tmp_path / "eval"),
+                       "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["perplexity"]["ko"]["nll_per_token"] > 0 and "interrupted" in results
