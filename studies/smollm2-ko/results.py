@@ -361,6 +361,10 @@ def headroom(p: Page, results: dict) -> None:
             best = r
     p.table(["oracle lr", "spliced val ko / en", "aligned val ko / en", "spliced test NLL ko / en",
              "aligned test NLL ko / en", "aligned ko vs control", "train s (oracle + align)"], rows)
+    p("train s: the sum of step times; these arms shared the CPU with test runs and one was paused mid-run, so the "
+      "column is no speed figure. Per token the oracle costs what full fine-tuning costs (a full forward and "
+      "backward; only two layers' weight gradients are skipped).")
+    p()
     noise = [abs(nll(a, "align only", "ko") - nll(b, "align only", "ko")) for a, b in ((control, control1),)
              if nll(a, "align only", "ko") is not None and nll(b, "align only", "ko") is not None]
     gain = nll(control, "align only", "ko") - nll(best, "elo+align", "ko")
