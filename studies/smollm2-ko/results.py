@@ -368,7 +368,9 @@ def headroom(p: Page, results: dict) -> None:
     noise = [abs(nll(a, "align only", "ko") - nll(b, "align only", "ko")) for a, b in ((control, control1),)
              if nll(a, "align only", "ko") is not None and nll(b, "align only", "ko") is not None]
     gain = nll(control, "align only", "ko") - nll(best, "elo+align", "ko")
-    p(f"Chosen on validation (lowest Korean loss after alignment): **{lr_text(best['lr'])}**. Its Korean test NLL after "
+    edge = " (the highest rate tried: a higher one may do better still)" if best["lr"] == max(r["lr"] for r in arms) \
+        else ""
+    p(f"Chosen on validation (lowest Korean loss after alignment): **{lr_text(best['lr'])}**{edge}. Its Korean test NLL after "
       f"alignment is {f(nll(best, 'elo+align', 'ko'))} against {f(nll(control, 'align only', 'ko'))} for the same "
       f"alignment on the base alone (control): {gain:+.3f} nats better"
       + (f"; the control's two data orders differ by {noise[0]:.3f}, the noise level here." if noise else "."))
