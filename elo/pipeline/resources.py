@@ -40,7 +40,6 @@ from elo.align import budget_tokens
 from elo.config import ModelConfig
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.hf.hub import resolve
-from elo.lora import add_lora
 from elo.loss import CHUNK_ROWS
 from elo.model import Transformer
 from elo.pipeline.recipe import CONFIGS, SCRIPTS, Plan
@@ -48,7 +47,7 @@ from elo.pipeline.recipe import plan as plan_recipe
 from elo.pretrain import LayerChoice
 from elo.surgery import parse_layers
 from elo.tools.cli import parse_config
-from elo.train.build import ModelSpec, train_only_layers
+from elo.train.build import ModelSpec, meta_model, train_only_layers
 from elo.train.flops import train_flops_per_token
 from elo.train.metrics import _GPU_PEAK  # the one table of GPU peaks, MFU's denominator
 
@@ -277,14 +276,7 @@ def stage_model(name: str, cfg, config: ModelConfig) -> Transformer:
         spec = ModelSpec(sub, {}, "", trainable=(lambda n: True) if cfg.train_embeddings else only_layers)
     if name == "align" and cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)
-    spec = cfg.with_lora(spec, cfg.seed)
-    with torch.device("meta"):
-        model = Transformer(spec.config)
-    if spec.lora:
-        add_lora(model, *spec.lora)
-    for pname, p in model.named_parameters():
-        p.requires_grad_(spec.trainable(pname))
-    return model
+    return meta_model(cfg.with_lora(spec, cfg.seed))
 
 
 def load_model_config(model: str) -> ModelConfig:

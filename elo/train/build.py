@@ -138,17 +138,24 @@ def _shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
     return min(rank * per, n), min((rank + 1) * per, n)
 
 
-@torch.no_grad()
-def materialize(spec: ModelSpec, d: distributed.Dist, activation_checkpointing: bool = False,
-                compile: bool = False, cpu_offload: bool = False) -> Transformer:
-    """The model of `spec` on `d.device`, fp32 master weights, sharded over the processes, each reading only its
-    own rows of every tensor."""
+def meta_model(spec: ModelSpec) -> Transformer:
+    """The model of `spec` on the meta device (no memory), its LoRA adapters added and what trains marked: what
+    `materialize` fills and what the resource plan (elo.pipeline.resources) measures."""
     with torch.device("meta"):
         model = Transformer(spec.config)
     if spec.lora:
         add_lora(model, *spec.lora)
     for name, p in model.named_parameters():
         p.requires_grad_(spec.trainable(name))
+    return model
+
+
+@torch.no_grad()
+def materialize(spec: ModelSpec, d: distributed.Dist, activation_checkpointing: bool = False,
+                compile: bool = False, cpu_offload: bool = False) -> Transformer:
+    """The model of `spec` on `d.device`, fp32 master weights, sharded over the processes, each reading only its
+    own rows of every tensor."""
+    model = meta_model(spec)
     distributed.parallelize(model, d, activation_checkpointing, compile, cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else d.device)  # offloaded shards live in CPU memory
     if spec.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
