@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +17,11 @@ from elo.data.sources import source_digests
 from elo.hf.checkpoint import load_config
 from elo.hf.tokenizer import load_tokenizer
 from elo.surgery import splice_checkpoint
-from elo.tools.cli import option, parse_config
+from elo.tools.cli import option, parse_config, parse_count
 from elo.train import distributed
 from elo.train.build import full_spec, materialize, spliced_spec, train_only_layers
 from elo.train.loop import fit, resuming, validation_loss
 from elo.train.options import LoRAOptions, LoopConfig, TextDataConfig, normalize_model, prepare, run_session
-
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbB]?)\s*$")
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 
 @dataclass(kw_only=True)
@@ -96,10 +92,9 @@ def parse_tokens(spec: str, elo_tokens: int | None) -> int:
                              f"trained tokens are the 100%)")
         count = elo_tokens * pct / 100
     else:
-        m = _COUNT.match(spec)
-        if not m:
+        count = parse_count(spec)
+        if count is None:
             raise ValueError(f"--tokens {spec!r}: expected a count (300M, 2.5e6, 40000) or a percentage (11%)")
-        count = float(m[1]) * _UNITS[m[2].lower()]
     if not (math.isfinite(count) and count >= 1):
         raise ValueError(f"--tokens {spec}: expected a positive budget (at least one token)")
     return int(count)
@@ -148,6 +143,7 @@ def align(cfg: AlignConfig) -> Path:
     elo, budget = plan(cfg, distributed.world_size_from_env())
     if prepare(cfg, cfg.base) is None:
         return Path(cfg.out) / "model"
+    distributed.check_cpu_offload(cfg.cpu_offload)  # before the data and the models
     spec = full_spec(cfg.base) if cfg.control else spliced_spec(cfg.base, elo.submodel)
     if cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)

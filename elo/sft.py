@@ -62,12 +62,7 @@ class SFTConfig(LoopConfig, LoRAOptions):
         if self.val_conversations is not None and self.val_conversations < 1:
             raise ValueError(f"--val-conversations {self.val_conversations}: expected a positive integer")
         super().validate()
-        if not self.data:
-            raise ValueError("no --data given; expected LANG=SOURCE, e.g. --data ko=ko_chats.jsonl")
-        if self.check_sources:
-            check_data(self.data)
-        if self.mix:
-            parse_mix(self.mix)
+        check_data(self.data, self.mix, self.check_sources, "ko=ko_chats.jsonl")
         self.model = normalize_model(self.model)
 
     def record(self) -> dict:
@@ -81,6 +76,7 @@ def sft(cfg: SFTConfig) -> Path:
     """Run (or resume) SFT; returns the directory of the tuned chat model."""
     if prepare(cfg, cfg.model) is None:
         return Path(cfg.out) / "model"
+    distributed.check_cpu_offload(cfg.cpu_offload)  # before the chat vector and the data
     provenance = {"stage": "sft", "model": cfg.model, "chat_vector": {
         "base": cfg.chat_vector_base, "instruct": cfg.chat_vector_instruct, "ratio": cfg.chat_vector_ratio}
         if cfg.chat_vector_base else None, "data": cfg.data, "mix": cfg.mix, "seed": cfg.seed, "seq_len": cfg.seq_len}

@@ -54,7 +54,9 @@ def parse_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
     return sorted(ids)
 
 
-def _sub_config(base: ModelConfig, ids: list[int], base_name: str | None, fp: str) -> ModelConfig:
+def submodel_config(base: ModelConfig, ids: list[int], base_name: str | None = None, fp: str = "") -> ModelConfig:
+    """The config of ELO's submodel of `base` holding the decoder layers `ids` (0-based, from parse_layers), with the
+    'elo' record of where they came from."""
     if base.elo is not None:
         raise ValueError(f"this model is already an ELO submodel of {base.elo['base']!r}; detach from the full model")
     return base.replace(
@@ -72,7 +74,7 @@ def _keep(name: str, ids: list[int]) -> bool:
 def detach(model: Transformer, layers: Sequence[int] | str) -> Transformer:
     """A standalone copy of the embedding, the given decoder layers (1-based), the final norm and the head."""
     ids = parse_layers(layers, model.config.num_hidden_layers)
-    config = _sub_config(model.config, ids, model.name_or_path, model.fingerprint())
+    config = submodel_config(model.config, ids, model.name_or_path, model.fingerprint())
     state = {n: t.detach().clone() for n, t in model.state_dict().items() if _keep(n, ids)}
     sub = Transformer.from_state_dict(config, state)
     sub.name_or_path = model.name_or_path
@@ -126,7 +128,7 @@ def select_detached(src: str | os.PathLike, layers: Sequence[int] | str) -> Sele
     """ELO's submodel of the full model `src`: embedding, the given decoder layers (1-based), final norm and head."""
     reader = CheckpointReader(resolve(src))
     base = load_config(reader.directory)
-    config = _sub_config(base, parse_layers(layers, base.num_hidden_layers), str(src), reader.fingerprint())
+    config = submodel_config(base, parse_layers(layers, base.num_hidden_layers), str(src), reader.fingerprint())
     return Selection(config, {n: (reader, n) for n in reader.names_for(base) if _keep(n, config.layer_ids)}, reader)
 
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, EVAL_BATCHES, VAL_TOKENS = 32, 2, 2, 193
 
 
-def _tiny_with_tokenizer(arch: str, directory: Path) -> Path:
+def _tiny_with_tokenizer(arch: str, directory: Path, tok_dir: Path) -> Path:
     import transformers
 
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -35,14 +35,13 @@ def _tiny_with_tokenizer(arch: str, directory: Path) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(config)
     perturb_(model)
     model.save_pretrained(directory, max_shard_size="2MB")
-    tok_dir = elo.resolve(elo.DEFAULT_MODEL)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tok_dir / name, directory / name)
     return directory
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, default_model_dir):
     root = tmp_path_factory.mktemp("align")
     data = {}
     for lang, file in (("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")):
@@ -50,7 +49,7 @@ def env(tmp_path_factory):
             lines = [json.dumps({"text": json.loads(next(f))["text"][:1500]}) for _ in range(12)]
         data[lang] = root / f"{lang}.jsonl"
         data[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    models = {arch: _tiny_with_tokenizer(arch, root / arch) for arch in ("llama", "qwen2")}
+    models = {arch: _tiny_with_tokenizer(arch, root / arch, default_model_dir) for arch in ("llama", "qwen2")}
     return root, data, models
 
 

@@ -519,17 +519,12 @@ def test_smollm2_template_is_the_gguf_one():
     assert bytes(field.parts[field.data[0]]).decode() == SMOLLM2
 
 
-def test_default_model_end_to_end():
+def test_default_model_end_to_end(default_model_dir):
     """The real default model's tokenizer: same text and same ids as transformers' apply_chat_template."""
     tokenizer_mod = pytest.importorskip("elo.hf.tokenizer")
-    from elo.hf.hub import resolve
-    from elo.hf.default_model import DEFAULT_MODEL
     from transformers import AutoTokenizer
 
-    try:
-        directory = resolve(DEFAULT_MODEL)
-    except Exception as e:  # the GGUF package is optional
-        pytest.skip(f"default model unavailable: {e}")
+    directory = default_model_dir
     ours, hf = tokenizer_mod.load_tokenizer(str(directory)), AutoTokenizer.from_pretrained(directory)
     for messages in (CONVERSATIONS["user"], CONVERSATIONS["system+multi-turn"], CONVERSATIONS["multi-turn"]):
         text = render_chat(ours, messages)

@@ -31,8 +31,8 @@ def openai(*turns):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(elo.DEFAULT_MODEL)
+def tokenizer(default_model_dir):
+    return load_tokenizer(default_model_dir)
 
 
 # ---- reading ----
@@ -63,10 +63,10 @@ def test_bad_records_are_one_line_errors_naming_file_and_line(tmp_path, record, 
     assert "\n" not in str(err.value)
 
 
-def test_template_refusal_names_file_and_line(tmp_path):
+def test_template_refusal_names_file_and_line(tmp_path, default_model_dir):
     from tests.test_chat import MISTRAL_V01
 
-    tokenizer = load_tokenizer(elo.DEFAULT_MODEL)  # a fresh one: its template is replaced
+    tokenizer = load_tokenizer(default_model_dir)  # a fresh one: its template is replaced
     tokenizer.chat_template = MISTRAL_V01  # no system role
     path = write_jsonl(tmp_path / "c.jsonl", [sharegpt(("u", "q"), ("a", "x")), sharegpt(("s", "s"), ("u", "q"),
                                                                                           ("a", "x"))])

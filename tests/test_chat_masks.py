@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 
-import elo
 from elo.data.chat_templates import tokenize_chats
 from elo.hf.tokenizer import load_tokenizer
 from tests.test_chat import SYSTEM, TEMPLATES
@@ -43,8 +42,8 @@ CONVERSATIONS = {
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir():
-    return elo.resolve(elo.DEFAULT_MODEL)
+def smollm2_dir(default_model_dir):
+    return default_model_dir
 
 
 def template_tokenizer(src, directory, name: str):

@@ -4,7 +4,6 @@ Unit tests use a byte-level fake tokenizer (token = UTF-8 byte + 1, EOS = 0) and
 values identify their position, so that every drawn window can be traced back to where it came from."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
@@ -411,16 +410,10 @@ def test_rank0_tokenizes_before_the_other_ranks(tmp_path, monkeypatch):
     assert events[1:] == [("barrier", 0)] and tok.calls == 0  # rank 1: wait, then read rank 0's cache
 
 
-def test_real_tokenizer_cache_matches_encode(tmp_path):
-    if importlib.util.find_spec("elo.hf.tokenizer") is None:
-        pytest.skip("elo.hf.tokenizer not written yet")
-    from elo.hf.default_model import DEFAULT_MODEL
+def test_real_tokenizer_cache_matches_encode(tmp_path, default_model_dir):
     from elo.hf.tokenizer import load_tokenizer
 
-    try:
-        tok = load_tokenizer(DEFAULT_MODEL)
-    except (FileNotFoundError, RuntimeError) as e:
-        pytest.skip(f"default model not available: {e}")
+    tok = load_tokenizer(default_model_dir)
     texts = {}
     for lang, name in [("ko", "ko_wikipedia.jsonl"), ("en", "en_wikipedia.jsonl")]:
         docs = [d for _, d in zip(range(20), read_documents(SAMPLE / "pretrain" / name))]

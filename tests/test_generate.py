@@ -72,16 +72,12 @@ def test_kv_cache_matches_full_recompute(arch, monkeypatch):
 
 
 @pytest.mark.slow
-def test_kv_cache_matches_full_recompute_on_the_default_model():
+def test_kv_cache_matches_full_recompute_on_the_default_model(default_model_dir):
     from elo.data.chat_templates import render_chat
     from elo.hf.checkpoint import load_model
-    from elo.hf.default_model import DEFAULT_MODEL
     from elo.hf.tokenizer import load_tokenizer
 
-    try:
-        model, tokenizer = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
-    except Exception as e:  # the GGUF package is optional
-        pytest.skip(f"default model unavailable: {e}")
+    model, tokenizer = load_model(default_model_dir), load_tokenizer(default_model_dir)
     for question in ("What is the capital of France?", "한국의 수도는 어디인가요?"):
         prompt = tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": question}]))
         assert generate(model, prompt, 8, stop_ids=set()) == greedy_without_cache(model, prompt, 8)
@@ -137,19 +133,14 @@ def test_sampling_is_seeded_per_row_whatever_the_batch_holds():
 
 
 @pytest.mark.slow
-def test_batched_greedy_on_the_default_model_equals_transformers_generate():
+def test_batched_greedy_on_the_default_model_equals_transformers_generate(default_model_dir):
     from transformers import AutoModelForCausalLM
 
     from elo.data.chat_templates import render_chat
     from elo.hf.checkpoint import load_model
-    from elo.hf.hub import resolve
-    from elo.hf.default_model import DEFAULT_MODEL
     from elo.hf.tokenizer import load_tokenizer
 
-    try:
-        directory = resolve(DEFAULT_MODEL)
-    except Exception as e:  # the GGUF package is optional
-        pytest.skip(f"default model unavailable: {e}")
+    directory = default_model_dir
     model, tokenizer = load_model(directory), load_tokenizer(directory)
     chats = [[{"role": "user", "content": "Explain why the sky is blue."}],
              [{"role": "user", "content": "한국의 수도는 어디인가요? 설명해 주세요."}],

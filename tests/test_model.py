@@ -122,11 +122,6 @@ def test_config_roundtrip_both_rope_spellings(tiny):
         assert hf_again.layer_types == hf.config.layer_types
 
 
-@pytest.fixture(scope="module")
-def default_model_dir():
-    return elo.resolve(elo.DEFAULT_MODEL)
-
-
 def real_texts(n: int = 2) -> dict[str, list[str]]:
     """The first `n` documents per language: Korean and English from the bundled sample, Japanese from ../shared/data
     when it is there (the sample has no Japanese)."""
@@ -147,7 +142,7 @@ def test_default_model_logits_match_transformers(default_model_dir):
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32,
                                                            attn_implementation="sdpa").eval()
-    model = elo.load_model(elo.DEFAULT_MODEL)
+    model = elo.load_model(default_model_dir)
     tok = tokenizers.Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
     for lang, texts in real_texts().items():
         ids = torch.tensor([tok.encode(t).ids[:128] for t in texts])

@@ -21,7 +21,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setu
 from elo.evaluation import evaluate
 from elo.pipeline import run as pipeline
 from elo.evaluation import scoring
-from elo.tools.cli import run_main
+from elo.tools.cli import parse_config, run_main
+from elo.pipeline.recipe import CONFIGS, plan
 from elo.data.text import Corpus, tokenize_files
 from elo.pipeline.report import write_report
 from tests.conftest import DATA, SAMPLE
@@ -284,6 +285,17 @@ def test_dry_run_on_every_recipe(no_hub, offline_hub, tmp_path, capsys):
     assert len(study) >= 10
     for r in study:
         dry_run(r, tmp_path / r.parent.parent.name / r.stem, capsys)
+
+
+def test_each_printed_command_parses_back_to_the_config_that_runs(no_hub, offline_hub, tmp_path):
+    """The pipeline holds each stage as a config object and runs that; the printed command line is derived from it
+    and its script must read it back as the same config, for every recipe (and every option the recipes set)."""
+    for r in sorted((REPO / "recipes").glob("*.toml")):
+        p = plan(r, tmp_path / r.stem)
+        for name, stage in p.stages.items():
+            if stage.config is not None:
+                assert parse_config(CONFIGS[name], stage.argv, name) == stage.config, (r.name, name)
+                assert stage.argv[-2:] == ["--out", str(stage.out)]
 
 
 def test_dry_run_resolves_a_cached_hub_dataset(no_hub, offline_hub, tmp_path, capsys):

@@ -217,12 +217,12 @@ def test_chat_refuses_nan_sampling_options(option):
     assert result.returncode == 2 and result.stderr.startswith("error: need --temperature >= 0")
 
 
-def test_chat_names_a_submodel_as_such(tmp_path, tiny_with_tokenizer):
+def test_chat_names_a_submodel_as_such(tmp_path, tiny_with_tokenizer, default_model_dir):
     sub = tmp_path / "sub"
     elo.detach_checkpoint(tiny_with_tokenizer, "1,4", sub)
     (sub / "tokenizer_config.json").write_text(json.dumps(
         {**json.loads((sub / "tokenizer_config.json").read_text()),
-         "chat_template": json.loads((elo.resolve(elo.DEFAULT_MODEL) / "tokenizer_config.json").read_text())[
+         "chat_template": json.loads((default_model_dir / "tokenizer_config.json").read_text())[
              "chat_template"]}))
     result = subprocess.run([sys.executable, "-m", "elo.chat", "--model", str(sub), "--prompt", "hi",
                              "--max-new-tokens", "2"], cwd=REPO, capture_output=True, text=True, timeout=300,

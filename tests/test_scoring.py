@@ -193,14 +193,14 @@ def real_docs(n_per_lang: int = 1, chars: int = 800) -> list[str]:
 
 
 @pytest.mark.slow
-def test_default_model_perplexity_matches_lm_eval():
+def test_default_model_perplexity_matches_lm_eval(default_model_dir):
     """Our perplexity equals lm-eval's HFLM.loglikelihood_rolling (transformers backend) on ko/en/ja documents."""
     import transformers
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     docs = real_docs()
-    directory = elo.resolve(elo.DEFAULT_MODEL)
+    directory = default_model_dir
     model, tok = elo.load_model(directory), elo.load_tokenizer(directory)
     seq_len = 128
     ours = perplexity(model, tok, docs, seq_len=seq_len, batch_tokens=1024)

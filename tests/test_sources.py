@@ -309,7 +309,7 @@ def tagengo_rows() -> bytes:
                                         for _, q, a in rows])
 
 
-def test_chat_data_from_a_hub_parquet_filtered_by_language(hub, tmp_path):
+def test_chat_data_from_a_hub_parquet_filtered_by_language(hub, tmp_path, default_model_dir):
     commit = hub.publish("lightblue/tagengo-gpt4", {"output.parquet": tagengo_rows()})
     tagengo = "hf://datasets/lightblue/tagengo-gpt4/*.parquet"
     korean = read_chat_source(f"{tagengo}?language=Korean")
@@ -320,7 +320,7 @@ def test_chat_data_from_a_hub_parquet_filtered_by_language(hub, tmp_path):
 
     local = tmp_path / "ko.jsonl"
     local.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for _, m in korean))
-    tokenizer = load_tokenizer(elo.DEFAULT_MODEL)
+    tokenizer = load_tokenizer(default_model_dir)
     from_hub, info = build_chat_source({"ko": [f"{tagengo}?language=Korean"], "en": [f"{tagengo}?language=English"]},
                                        tokenizer, 256, None, 0, val_conversations=1)
     from_jsonl, _ = build_chat_source({"ko": [local], "en": [f"{tagengo}?language=English"]}, tokenizer, 256, None, 0,

@@ -112,7 +112,7 @@ def test_requests_match_lm_eval(name, k, lm_eval_task):
 
 
 @pytest.fixture(scope="module", params=["smollm2", "smollm2+bos"])
-def tokenizers(request, tmp_path_factory):
+def tokenizers(request, tmp_path_factory, default_model_dir):
     """(elo tokenizer, lm-eval HFLM) on SmolLM2's tokenizer, and on a variant whose config adds BOS (as Llama 2's
     does), which puts BOS on every context. HFLM wraps a one-layer random model: only its tokenization is used."""
     import transformers
@@ -120,7 +120,7 @@ def tokenizers(request, tmp_path_factory):
 
     import elo
 
-    directory = elo.resolve(elo.DEFAULT_MODEL)
+    directory = default_model_dir
     if request.param == "smollm2+bos":
         out = tmp_path_factory.mktemp("bos")
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

@@ -141,7 +141,7 @@ def test_bad_arguments(run_env, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_thirty_elo_steps_lower_heldout_korean_loss_on_default_model(tmp_path):
+def test_thirty_elo_steps_lower_heldout_korean_loss_on_default_model(tmp_path, default_model_dir):
     """The real thing, small: SmolLM2-135M, layers 1 and 30, Korean + English at 9:1 from the bundled sample, 30
     steps."""
     data = {lang: SAMPLE / "pretrain" / f"{lang}_wikipedia.jsonl" for lang in ("ko", "en")}

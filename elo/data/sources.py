@@ -27,9 +27,7 @@ HF_HUB_OFFLINE=1 the commit and the shards come from that cache alone.
 from __future__ import annotations
 
 import glob
-import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -40,14 +38,14 @@ from urllib.parse import unquote
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.utils import LocalEntryNotFoundError, filter_repo_objects
 
+from elo.tools.cli import parse_count
 from elo.tools.files import sha256_file
+from elo.tools.jsonl import json_lines, utf8_lines
 
 FORMATS = (".jsonl", ".txt", ".parquet")
 HUB_PREFIX = "hf://datasets/"
 _HUB_FORM = "hf://datasets/OWNER/NAME[@REVISION]/GLOB, e.g. hf://datasets/wikimedia/wikipedia/20231101.ko/*.parquet"
 _FORMAT_NAMES = ".jsonl, .txt or .parquet"
-_COUNT = re.compile(r"(\d+(?:\.\d+)?(?:e\d+)?)([kmb]?)", re.IGNORECASE)
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ class Shard:
         if self.suffix == ".parquet":
             rows = self._parquet_rows(path, columns)
         elif self.suffix == ".jsonl":
-            rows = self._json_lines(path)
+            rows = json_lines(path, str(self))
         else:
             rows = self._txt_documents(path)
         for number, record in rows:
@@ -112,29 +110,10 @@ class Shard:
                 return False
         return True
 
-    def _lines(self, path: Path) -> Iterator[tuple[int, str]]:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{self}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
-                yield number, line
-
-    def _json_lines(self, path: Path) -> Iterator[tuple[int, Any]]:
-        for number, line in self._lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{self}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-            yield number, record
-
     def _txt_documents(self, path: Path) -> Iterator[tuple[int, str]]:
         paragraph: list[str] = []
         start = 0
-        for number, line in self._lines(path):
+        for number, line in utf8_lines(path, str(self)):
             if line.strip():
                 start = start if paragraph else number
                 paragraph.append(line)
@@ -289,8 +268,7 @@ def _parse_options(spec: str, options: str) -> tuple[tuple[tuple[str, str], ...]
 
 
 def _parse_count(spec: str, value: str) -> int:
-    match = _COUNT.fullmatch(value)
-    count = int(float(match[1]) * _UNITS[match[2].lower()]) if match else 0
+    count = int(parse_count(value) or 0)
     if count < 1:
         raise ValueError(f"{spec}: tokens={value}; expected a positive count such as 50M, 2.5e9 or 40000")
     return count

@@ -1,7 +1,8 @@
-"""A pipeline recipe (TOML), read and checked, and planned into stages: each stage's directory and the exact
-command-line arguments of its script, so that the printed command reproduces what runs. Keys, types, paths
-(relative to the recipe file), data and the stage order are checked here; each stage's own options are checked by
-its config (elo.pipeline.run.stage_config). See elo/pipeline/run.py for the layout of a run directory.
+"""A pipeline recipe (TOML), read and checked, and planned into stages: each stage's directory and its config object
+(TrainConfig, AlignConfig, SFTConfig), from which the printed command line derives (`elo.tools.cli.to_argv`), so the
+printed command reproduces what runs. Keys, types, paths (relative to the recipe file), data and the stage order are
+checked here; each stage's own options are checked by its config (elo.pipeline.run.check_stage). See
+elo/pipeline/run.py for the layout of a run directory.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from elo.data.sources import parse_source
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.pretrain import LayerChoice, TrainConfig
 from elo.sft import SFTConfig
-from elo.tools.cli import base_type
+from elo.tools.cli import base_type, build_config, to_argv
 from elo.tools.files import MARKER
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,9 +55,15 @@ EVAL_KEYS = {"models": list, "tasks": list, "data_dir": str, "limit": int, "num_
 class Stage:
     name: str
     out: Path  # the stage's directory under the run directory
-    argv: list[str]  # a script stage's command-line arguments
+    config: TrainConfig | AlignConfig | SFTConfig | None = None  # a script stage's config
+    options: tuple[str, ...] = ()  # the options its command line spells out: what the recipe and pipeline set
     evals: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # evaluate: model -> evaluate.py argv
     chat_vector: dict | None = None  # chat_vector: add_chat_vector's arguments
+
+    @property
+    def argv(self) -> list[str]:
+        """A script stage's command-line arguments, derived from its config (the rest keep their defaults)."""
+        return to_argv(self.config, self.options)
 
     @property
     def model(self) -> Path:
@@ -94,7 +101,7 @@ class Plan:
 
     def commands(self, stage: Stage) -> dict[str, list[str]]:
         """The exact shell command of a stage on this node, {stage: command} (evaluation: {model: command}). What
-        runs in this process is the same script's `main(argv)` (the chat vector: the function the command calls)."""
+        runs in this process is the function the script's `main(argv)` calls, on the config the command parses to."""
         if stage.name in SCRIPTS:
             launch = ["python"] if self.world_size == 1 else ["torchrun", *self.launcher()]
             return {stage.name: [*launch, os.path.relpath(REPO / SCRIPTS[stage.name]), *stage.argv]}
@@ -245,26 +252,26 @@ def _data_for(data: dict, kind: str, stage: str) -> dict[str, list[str]]:
     return chosen
 
 
-def _method_steps(train_table: dict, align_table: dict | None, world_size: int) -> int:
+def _tokens_per_step(cfg: TrainConfig | AlignConfig, world_size: int) -> int:
+    return cfg.batch_size * cfg.grad_accum * cfg.seq_len * world_size
+
+
+def _method_steps(train: TrainConfig, align: AlignConfig | None, world_size: int) -> int:
     """The method's whole budget in [train]'s steps: ELO's steps plus alignment's tokens (rounded up to whole
     steps), so a baseline reads as many tokens as ELO and alignment together."""
-    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    t = default | train_table
-    per_step = t["batch_size"] * t["grad_accum"] * t["seq_len"] * world_size
-    if align_table is None:
-        return t["max_steps"]
-    a = {f.name: f.default for f in dataclasses.fields(AlignConfig) if f.init and f.default is not
-         dataclasses.MISSING} | {k: t[k] for k in TEXT_KEYS if k in t} | align_table
-    if a.get("max_steps"):
-        tokens = a["max_steps"] * a["batch_size"] * a["grad_accum"] * a["seq_len"] * world_size
+    if align is None:
+        return train.max_steps
+    per_step = _tokens_per_step(train, world_size)
+    if align.max_steps is not None:
+        tokens = align.max_steps * _tokens_per_step(align, world_size)
     else:
-        tokens = budget_tokens(a.get("tokens"), t["max_steps"] * per_step)
-    return t["max_steps"] + math.ceil(tokens / per_step)
+        tokens = budget_tokens(align.tokens, train.max_steps * per_step)
+    return train.max_steps + math.ceil(tokens / per_step)
 
 
 def _baseline_table(name: str, table: dict, train_table: dict, base: Path, steps: int) -> dict:
     """fft / lora: [train]'s options (the same data), the whole model, the method's whole budget (`steps`), their
-    own overrides."""
+    own overrides (the equal batch is checked on the built configs, in `plan`)."""
     for key in BUDGET_KEYS:
         if key in table:
             raise _key_error(f"{name}.{key}", "the baselines run on the data and budget of [train] and [align]; "
@@ -277,13 +284,6 @@ def _baseline_table(name: str, table: dict, train_table: dict, base: Path, steps
         raise _key_error("lora.lora_rank", "missing; the LoRA baseline needs a rank, e.g. 16")
     if name == "fft" and table.get("lora_rank"):
         raise _key_error("fft.lora_rank", "full fine-tuning trains every weight; use [lora] for LoRA")
-    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-    def sequences(t: dict) -> int:
-        return t.get("batch_size", default["batch_size"]) * t.get("grad_accum", default["grad_accum"])
-
-    if sequences(table) != sequences(train_table):
-        raise _key_error(f"{name}.batch_size", "batch_size * grad_accum must equal [train]'s (the same budget)")
     return table
 
 
@@ -335,22 +335,30 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None, o
     data = _read_data(r, base, notes)
     train_table = dict(r.get("train", {}))
     _check_table("train", train_table, TrainConfig, base)
+    # [train]'s config: the ELO stage, and the data and batch the baselines share
+    elo = None
+    if {"train", "fft", "lora"} & set(present):
+        elo = _stage("train", out / "train", {"model": model, "data": _data_for(data, "pretrain", "train")}
+                     | train_table)
 
     stages: dict[str, Stage] = {}
     for name in present:
         table, stage_out = dict(r[name]), out / name
+        if name == "train":
+            stages[name] = elo
+            continue
         if name == "chat_vector":
-            stages[name] = Stage(name, stage_out, [], chat_vector=_chat_vector_args(table, stages["align"].model,
-                                                                                     base))
+            stages[name] = Stage(name, stage_out, chat_vector=_chat_vector_args(table, stages["align"].model, base))
             continue
         if name == "evaluate":  # planned below, once every stage is known
             continue
         if name in ("fft", "lora"):
-            table = _baseline_table(name, table, train_table, base,
-                                    _method_steps(train_table, r.get("align"), nnodes * nproc))
+            align = stages["align"].config if "align" in stages else None
+            table = _baseline_table(name, table, train_table, base, _method_steps(elo.config, align,
+                                                                                  nnodes * nproc))
         _check_table(name, table, CONFIGS[name], base)
-        if name in ("train", "fft", "lora"):
-            values = {"model": model, "data": _data_for(data, "pretrain", name)}
+        if name in ("fft", "lora"):
+            values = {"model": model, "data": elo.config.data}
         elif name == "align":
             align_data = _data_for(data, "align", name)
             table = _align_table(table, train_table, align_data == _data_for(data, "pretrain", "train"))
@@ -358,7 +366,11 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None, o
         else:  # sft: on the chat vector's model when there is one, else align's
             source = stages["chat_vector"] if "chat_vector" in stages else stages["align"]
             values = {"model": str(source.model), "data": _data_for(data, "sft", name)}
-        stages[name] = Stage(name, stage_out, _to_argv(CONFIGS[name], values | table | {"out": str(stage_out)}))
+        stages[name] = _stage(name, stage_out, values | table)
+        config, elo_config = stages[name].config, elo.config if elo else None
+        if name in ("fft", "lora") and (config.batch_size * config.grad_accum
+                                        != elo_config.batch_size * elo_config.grad_accum):
+            raise _key_error(f"{name}.batch_size", "batch_size * grad_accum must equal [train]'s (the same budget)")
 
     eval_models = {}
     if "evaluate" in r:
@@ -424,24 +436,19 @@ def _plan_evaluate(table: dict, r: dict, model: str, out: Path, stages: dict[str
     if heldout is None and not task_names:
         raise _key_error("evaluate", "nothing to evaluate: no text stage (train, fft, lora) for held-out perplexity "
                                      "and no tasks")
-    stage = Stage("evaluate", out / "eval", [])
+    stage = Stage("evaluate", out / "eval")
     stage.evals = {name: ["--model", where[name], *common, "--out", str(stage.out / f"{name}.json")]
                    for name in MODELS if name in names}
     return stage, {name: where[name] for name in MODELS if name in names}
 
 
-def _to_argv(cls, values: dict) -> list[str]:
-    """A config's field values as the command-line options `parse_config(cls, argv)` reads back (checked in
-    `check_stage`)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    argv = []
-    for name, value in values.items():
-        f = fields[name]
-        flag = f.metadata.get("flag", "--" + name.replace("_", "-"))
-        if f.metadata.get("repeat"):
-            argv += [x for lang, files in value.items() for path in files for x in (flag, f"{lang}={path}")]
-        elif isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, str(value)]
-    return argv
+def _stage(name: str, out: Path, values: dict) -> Stage:
+    """A script stage: its config from its checked table and the values the pipeline sets (data as {lang:
+    [sources]}), and `--out`; a value its option rejects (--layers x) is named as the recipe key."""
+    values = values | {"out": str(out)}
+    if isinstance(values.get("data"), dict):  # as the command line gives it: LANG=SOURCE, repeated
+        values |= {"data": [f"{lang}={path}" for lang, paths in values["data"].items() for path in paths]}
+    try:
+        return Stage(name, out, build_config(CONFIGS[name], values), tuple(values))
+    except ValueError as e:
+        raise _key_error(name, str(e)) from None

@@ -42,14 +42,13 @@ from elo.hf.default_model import DEFAULT_MODEL
 from elo.hf.hub import resolve
 from elo.loss import CHUNK_ROWS
 from elo.model import Transformer
-from elo.pipeline.recipe import CONFIGS, SCRIPTS, Plan
+from elo.pipeline.recipe import SCRIPTS, Plan
 from elo.pipeline.recipe import plan as plan_recipe
 from elo.pretrain import LayerChoice
-from elo.surgery import parse_layers
-from elo.tools.cli import parse_config
-from elo.train.build import ModelSpec, meta_model, train_only_layers
+from elo.surgery import parse_layers, submodel_config
+from elo.train.build import ModelSpec, elo_trainable, in_situ_trainable, meta_model, train_only_layers
 from elo.train.flops import train_flops_per_token
-from elo.train.metrics import _GPU_PEAK  # the one table of GPU peaks, MFU's denominator
+from elo.train.metrics import GPU_PEAK  # the one table of GPU peaks, MFU's denominator
 
 GiB = 2**30
 # GPU memory is sold in binary units: an "80GB" H100 holds 80 GiB. name -> (GiB, key of the bf16 peak table)
@@ -76,7 +75,7 @@ def parse_gpu(text: str) -> GPU:
     name = text.strip().lower()
     if name in GPUS:
         gib, key = GPUS[name]
-        return GPU(name, gib * GiB, _GPU_PEAK[key])
+        return GPU(name, gib * GiB, GPU_PEAK[key])
     size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*gi?b", name)
     if size is None or float(size[1]) == 0:
         raise ValueError(f"--gpu {text!r}: expected one of {', '.join(GPUS)} or a memory size such as 24GB")
@@ -264,16 +263,17 @@ def memory(model: Transformer, shape: Shape, n: Numerics) -> Memory:
 
 def stage_model(name: str, cfg, config: ModelConfig) -> Transformer:
     """The stage's model on the meta device, its parameters marked as the stage trains them (elo.train.build's
-    specs: the ELO submodel, the full model, align's --train-layers, LoRA)."""
+    specs: the ELO submodel, the oracle's full model with ELO's layers training, the full model, align's
+    --train-layers, LoRA)."""
     spec = ModelSpec(config, {}, "")
     if name in ("train", "fft", "lora") and cfg.mode == "elo":
         # --layers auto:K chooses its layers when the stage runs; any K layers cost the same
         numbers = cfg.layers.numbers or tuple(range(1, cfg.layers.auto + 1))
         ids = parse_layers(list(numbers), config.num_hidden_layers)
-        sub = config.replace(num_hidden_layers=len(ids), layer_ids=ids,
-                             layer_types=[config.layer_types[i] for i in ids])
-        only_layers = lambda n: n.startswith("model.layers.")  # noqa: E731 (as elo.train.build.elo_spec)
-        spec = ModelSpec(sub, {}, "", trainable=(lambda n: True) if cfg.train_embeddings else only_layers)
+        if cfg.in_situ:
+            spec = ModelSpec(config, {}, "", trainable=in_situ_trainable(ids, cfg.train_embeddings))
+        else:
+            spec = ModelSpec(submodel_config(config, ids), {}, "", trainable=elo_trainable(cfg.train_embeddings))
     if name == "align" and cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)
     return meta_model(cfg.with_lora(spec, cfg.seed))
@@ -376,8 +376,7 @@ def plan(recipe: str | os.PathLike, gpu: str = "h100-80gb", mfu: float | None = 
     card = parse_gpu(gpu)
     p: Plan = plan_recipe(recipe, overrides=overrides)
     config = load_model_config(p.model)
-    configs = {name: parse_config(CONFIGS[name], stage.argv, name) for name, stage in p.stages.items()
-               if name in SCRIPTS}
+    configs = {name: stage.config for name, stage in p.stages.items() if name in SCRIPTS}
     stages: list[StagePlan] = []
     for name, cfg in configs.items():
         shape = Shape(cfg.batch_size, cfg.seq_len, cfg.grad_accum, p.world_size, cfg.activation_checkpointing,

@@ -4,9 +4,10 @@ tokens plus alignment's), then a report.
 
 A recipe (TOML) names the model, the data per language, the number of processes and one table per stage whose keys
 are that stage's config fields (TrainConfig, AlignConfig, SFTConfig; see `python train.py --help` etc., with
-`_` for `-`). Paths in a recipe are relative to the recipe file. Each stage is one command line of its script,
-printed before it runs and run through the script's own `main` (in this process for one process, under torchrun
-for several), so the printed line reproduces it exactly. Each stage writes into `OUT/<stage>`:
+`_` for `-`). Paths in a recipe are relative to the recipe file. Each stage is a config object; its command line
+(derived from the config, elo.tools.cli.to_argv, which its script parses back to the same config) is printed
+before it runs, and it runs as the script's function on that config (in this process for one process, the script
+under torchrun for several), so the printed line reproduces it exactly. Each stage writes into `OUT/<stage>`:
 
     train/ align/ sft/ fft/ lora/   run directories (train_config.json, metrics.jsonl, checkpoints, model/)
     chat_vector/model/              align's model + ratio * (instruct - base) (command.json: how it was made)
@@ -20,7 +21,7 @@ again. `--dry-run` prints every command and checks every path and argument that 
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import math
 import shlex
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
 
-from elo.align import parse_tokens
+from elo.align import align, parse_tokens
 from elo.align import plan as align_plan
 from elo.chat_vector import POLICIES, add_chat_vector
 from elo.evaluation import evaluate as evaluate_module
@@ -40,13 +41,14 @@ from elo.evaluation import tasks
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.pipeline import resources
 from elo.pipeline.report import write_report
-from elo.pretrain import TrainConfig
-from elo.tools.cli import ArgumentParser, parse_config
+from elo.pretrain import train
+from elo.sft import sft
+from elo.tools.cli import ArgumentParser
 from elo.tools.files import LOCK, MARKER, atomic_write_text, lock_output
 from elo.train.options import check_context
 from elo.train.run_dir import CONFIG_NAME, RunDir
 
-from elo.pipeline.recipe import CONFIGS, REPO, SCRIPTS, STAGES, Plan, Stage, _key_error, plan
+from elo.pipeline.recipe import REPO, SCRIPTS, STAGES, Plan, Stage, _key_error, plan
 
 
 def _is_hub_id(name: str) -> bool:
@@ -54,16 +56,16 @@ def _is_hub_id(name: str) -> bool:
 
 
 def stage_config(p: Plan, stage: Stage):
-    """The stage's config as its script parses it from `stage.argv`, checked as the stage checks it before any
-    work (model files only when local: a hub id is not downloaded)."""
-    cfg = parse_config(CONFIGS[stage.name], stage.argv, stage.name)
+    """A copy of the stage's config, checked as the stage checks it before any work (model files only when local: a
+    hub id is not downloaded); align's derived values (base, steps) settled in it when ELO has run."""
+    cfg = dataclasses.replace(stage.config)
     cfg.check_sources = False  # reading the recipe checked them (and noted Hub datasets it could not check offline)
     if stage.name == "align":
         if p.stages["train"].finished:
             align_plan(cfg, p.world_size)
         else:  # ELO has not run yet: check what can be checked without its output
             if cfg.tokens is not None:
-                train = parse_config(TrainConfig, p.stages["train"].argv, "train")
+                train = p.stages["train"].config
                 parse_tokens(cfg.tokens, train.max_steps * train.batch_size * train.grad_accum * p.world_size
                              * train.seq_len)
             cfg.base = cfg.base or p.model
@@ -124,11 +126,15 @@ def banner(text: str) -> None:
     print(f"\n{line}\n== {text}\n{line}", flush=True)
 
 
-def _run_script(p: Plan, stage: Stage, argv: list[str]) -> None:
+RUN = {"train": train, "fft": train, "lora": train, "align": align, "sft": sft}  # each script's main(argv) calls this
+
+
+def _run_script(p: Plan, stage: Stage, resume: bool) -> None:
+    """One process: the stage's function on its config, in this process; several: its script under torchrun."""
     if p.world_size == 1:
-        module = {"train.py": "elo.pretrain", "align.py": "elo.align", "sft.py": "elo.sft"}[SCRIPTS[stage.name]]
-        importlib.import_module(module).main(argv)
+        RUN[stage.name](dataclasses.replace(stage.config, resume=resume))
         return
+    argv = stage.argv + (["--resume"] if resume else [])
     command = [sys.executable, "-m", "torch.distributed.run", *p.launcher(), str(REPO / SCRIPTS[stage.name]), *argv]
     code = subprocess.run(command).returncode
     if code != 0:
@@ -235,10 +241,9 @@ def _resuming(stage: Stage) -> bool:
 
 
 def _run_training_stage(p: Plan, stage: Stage, resume: bool) -> None:
-    argv = stage.argv + (["--resume"] if resume else [])
     banner(f"stage {stage.name}" + (" (resuming)" if resume else ""))
     print(shlex.join(p.commands(stage)[stage.name] + (["--resume"] if resume else [])), flush=True)
-    _run_script(p, stage, argv)
+    _run_script(p, stage, resume)
 
 
 def follow(p: Plan, start: str | None = None) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
@@ -50,6 +51,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         fail(f"{message} (see {self.prog} --help)")
+
+
+_COUNT = re.compile(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmb]?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_count(text: str) -> float | None:
+    """A count as people write it: `40000`, `2.5e6`, `300M`, `50k`, `2B` (k, M, B: 10^3, 10^6, 10^9); None when
+    `text` is not one (the caller names the option in its error)."""
+    match = _COUNT.fullmatch(text)
+    return float(match[1]) * _UNITS[match[2].lower()] if match else None
 
 
 def option(help: str, **more: Any) -> dict:
@@ -102,7 +114,31 @@ def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
     add_dataclass_options(p, cls)
     a = vars(p.parse_args(argv))
     a.pop("debug")
+    return build_config(cls, a)
+
+
+def build_config(cls: type, values: dict[str, Any]) -> Any:
+    """A stage config from option values (field name -> value; a repeated option: the list of its texts), each
+    read by its field's `parse` as on the command line. The pipeline builds its stages' configs with this."""
     for f in dataclasses.fields(cls):
-        if "parse" in f.metadata and f.name in a:
-            a[f.name] = f.metadata["parse"](a[f.name])
-    return cls(**a)
+        if "parse" in f.metadata and f.name in values:
+            values = values | {f.name: f.metadata["parse"](values[f.name])}
+    return cls(**values)
+
+
+def to_argv(cfg: Any, names: Iterable[str]) -> list[str]:
+    """The options `names` of config `cfg` as the command line that `parse_config(type(cfg), argv)` reads back as
+    `cfg` when every other option keeps its default. A repeated option's dict {key: [values]} becomes `--flag
+    key=value` per value; a false flag, an empty repeated option and None are left out."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    argv: list[str] = []
+    for name in names:
+        f, value = fields[name], getattr(cfg, name)
+        flag = f.metadata.get("flag", "--" + name.replace("_", "-"))
+        if f.metadata.get("repeat"):
+            argv += [x for key, items in value.items() for item in items for x in (flag, f"{key}={item}")]
+        elif isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv

@@ -71,8 +71,12 @@ def full_spec(model: str) -> ModelSpec:
 def elo_spec(model: str, layers: Sequence[int] | str, train_embeddings: bool = False) -> ModelSpec:
     """ELO's submodel (elo.surgery.select_detached): embedding, the chosen decoder layers, final norm and head;
     only the layers train."""
-    trains = (lambda n: True) if train_embeddings else (lambda n: n.startswith("model.layers."))
-    return _spec(select_detached(model, layers), model, trains)
+    return _spec(select_detached(model, layers), model, elo_trainable(train_embeddings))
+
+
+def elo_trainable(train_embeddings: bool) -> Callable[[str], bool]:
+    """Which of the submodel's parameters ELO trains: its decoder layers (and, asked, embedding, norm and head)."""
+    return (lambda n: True) if train_embeddings else (lambda n: n.startswith("model.layers."))
 
 
 def spliced_spec(base: str, sub_dir: str | os.PathLike) -> ModelSpec:
@@ -86,11 +90,17 @@ def in_situ_spec(model: str, layers: Sequence[int] | str, train_embeddings: bool
     frozen. The upper bound for any stand-in of the middle, not a method (it costs a full forward and backward).
     Exported as the ELO submodel, so align.py continues from it as from any ELO run."""
     submodel = select_detached(model, layers).config
-    prefixes = tuple(f"model.layers.{i}." for i in submodel.layer_ids)
     spec = full_spec(model)
-    spec.trainable = lambda n: n.startswith(prefixes) or (train_embeddings and not n.startswith("model.layers."))
+    spec.trainable = in_situ_trainable(submodel.layer_ids, train_embeddings)
     spec.export_config = submodel
     return spec
+
+
+def in_situ_trainable(ids: Sequence[int], train_embeddings: bool) -> Callable[[str], bool]:
+    """Which of the full model's parameters the oracle trains: the chosen decoder layers (0-based `ids`) and, asked,
+    embedding, norm and head."""
+    prefixes = tuple(f"model.layers.{i}." for i in ids)
+    return lambda n: n.startswith(prefixes) or (train_embeddings and not n.startswith("model.layers."))
 
 
 def train_only_layers(spec: ModelSpec, layers: str) -> ModelSpec:

@@ -7,7 +7,7 @@ import time
 import torch
 
 # dense bf16 tensor-core peak (FLOP/s) by device name
-_GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 _cpu_peak: float | None = None
 
 
@@ -30,7 +30,7 @@ def peak_flops_info(device: torch.device) -> tuple[float, str]:
     global _cpu_peak
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in _GPU_PEAK.items():
+        for key, value in GPU_PEAK.items():
             if key in name:
                 return value, f"{name} bf16 dense peak {value / 1e12:.0f} TFLOP/s"
         return float("nan"), f"{name} (peak unknown: MFU not reported)"

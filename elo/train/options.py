@@ -111,15 +111,20 @@ def data_specs(specs: list[str]) -> dict[str, list[str]]:
     return {lang: [parse_source(s).spec for s in sources] for lang, sources in parse_data(specs).items()}
 
 
-def check_data(data: dict[str, list[str]]) -> None:
-    """Find every `--data` source's files (a Hub dataset: its commit and files, offline from the local cache), so a
-    missing file or an unreachable dataset is a one-line error before any model loads; nothing is read."""
+def check_data(data: dict[str, list[str]], mix: str | None, find_files: bool, example: str) -> None:
+    """`--data` and `--mix` of a text or chat stage: some data given (`example`: a --data value to suggest); with
+    `find_files`, every source's files found (a Hub dataset: its commit and files, offline from the local cache), so
+    a missing file or an unreachable dataset is a one-line error before any model loads; nothing is read."""
+    if not data:
+        raise ValueError(f"no --data given; expected LANG=SOURCE, e.g. --data {example}")
     for lang, sources in data.items():
-        for source in sources:
+        for source in sources if find_files else ():
             try:
                 parse_source(source).list_shards()
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"--data {lang}: {e}") from None
+    if mix:
+        parse_mix(mix)
 
 
 @dataclass(kw_only=True)
@@ -141,12 +146,7 @@ class TextDataConfig:
     check_sources = True
 
     def validate_data(self, seq_len: int) -> None:
-        if not self.data:
-            raise ValueError("no --data given; expected LANG=SOURCE, e.g. --data ko=ko.jsonl")
-        if self.check_sources:
-            check_data(self.data)
-        if self.mix:
-            parse_mix(self.mix)
+        check_data(self.data, self.mix, self.check_sources, "ko=ko.jsonl")
         if self.val_tokens is not None and self.val_tokens < seq_len + 1:
             raise ValueError(f"--val-tokens {self.val_tokens}: expected at least one held-out sequence "
                              f"(--seq-len + 1 = {seq_len + 1} tokens)")

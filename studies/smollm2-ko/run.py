@@ -35,13 +35,17 @@ REPO = HERE.parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
+from elo.pipeline import resources  # noqa: E402
+from elo.pretrain import LayerChoice, TrainConfig  # noqa: E402
 from elo.tools.files import atomic_write_text  # noqa: E402
+from elo.train.flops import train_flops_per_token  # noqa: E402
 from elo.tools.jsonl import read_jsonl  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KOBEST = "kobest_boolq,kobest_copa,kobest_hellaswag,kobest_sentineg,kobest_wic"
 KOBEST_LIMIT, MMLU_LIMIT, JCQA_LIMIT = 50, 10, 100  # examples per task (MMLU: per subject, 12 subjects)
 LR_SWEEP = ("elo-lr6e-6", "elo-lr2e-5", "elo-lr6e-5", "elo-lr2e-4")
+FFT_BUDGETS = ("2.5", "5", "10", "25", "50", "100")  # % of N (E3)
 
 
 @dataclass
@@ -77,7 +81,15 @@ ARMS = [
     Arm("seed1-surrogate", "seed1-surrogate.toml", ALIGNED, uses_choice=True),
     Arm("seed1-fft", "seed1-fft.toml", {"fft": "train/model"}),
     # issue 21, E1: the headroom any stand-in for the middle could reach (ELO's oracle, --in-situ)
-    *[Arm(f"oracle-lr{lr}", f"oracle-lr{lr}.toml", ALIGNED) for lr in ("2e-5", "6e-5", "2e-4")],
+    *[Arm(f"oracle-lr{lr}", f"oracle-lr{lr}.toml", ALIGNED) for lr in ("2e-5", "6e-5", "2e-4", "6e-4")],
+    # E3: the compute-matched frontier, full fine-tuning from the base at 2.5% to 100% of N, three data orders (100%
+    # at orders 0 and 1 are table1's [fft] and seed1-fft), with E1's replicates and a third control between them
+    *[Arm(f"fft-{p}-s0", f"fft-{p}-s0.toml", {"fft": "train/model"}) for p in FFT_BUDGETS[:-1]],
+    Arm("oracle-lr2e-4-s1", "oracle-lr2e-4-s1.toml", ALIGNED),
+    *[Arm(f"fft-{p}-s1", f"fft-{p}-s1.toml", {"fft": "train/model"}) for p in FFT_BUDGETS[:-1]],
+    Arm("seed2-control", "seed2-control.toml", {"align only": "align/model"}, uses_choice=True),
+    *[Arm(f"fft-{p}-s2", f"fft-{p}-s2.toml", {"fft": "train/model"}) for p in FFT_BUDGETS],
+    Arm("oracle-lr2e-4-s2", "oracle-lr2e-4-s2.toml", ALIGNED),
     Arm("ja", "ja.toml", {"elo+align": "align/model", "elo spliced": "align/spliced", "fft": "fft/model"},
         ("elo+align", "fft"), lang="ja", uses_choice=True, timed=True),
 ]
@@ -185,6 +197,23 @@ def stage_numbers(run_dir: Path) -> dict:
     return stages
 
 
+def arm_cost(arm: Arm) -> dict:
+    """Training FLOPs of each stage the arm's models paid for (tokens x analytic FLOPs per token, as elo's planner
+    counts them: elo.pipeline.resources), plus the surrogate fit's forward passes through the full model. The
+    control's ELO stage is only the source of its alignment tokens, so it is not counted."""
+    recipe = recipe_of(arm)
+    stages = {s.name: {"tokens": s.tokens, "flops_per_token": s.flops_per_token}
+              for s in resources.plan(HERE / "recipes" / arm.recipe).stages}
+    if recipe.get("align", {}).get("control"):
+        del stages["train"]
+    if recipe["train"].get("middle"):
+        full = resources.stage_model("fft", TrainConfig(out="", data={}, layers=LayerChoice.parse("all")),
+                                     resources.load_model_config(recipe["model"])).requires_grad_(False)
+        stages["middle fit"] = {"tokens": recipe["train"].get("middle_tokens", 12000),  # forward passes only
+                                "flops_per_token": train_flops_per_token(full, recipe["train"]["seq_len"])}
+    return {"stages": stages, "flops": sum(v["tokens"] * v["flops_per_token"] for v in stages.values())}
+
+
 def run_arm(arm: Arm, out: Path) -> None:
     result_path = HERE / "results" / f"{arm.name}.json"
     if result_path.is_file():
@@ -206,7 +235,7 @@ def run_arm(arm: Arm, out: Path) -> None:
                    "--out", str(arm_out)]
         run_logged(command, log)
         result |= {"recipe": f"recipes/{arm.recipe}", "pipeline": shlex.join(command[1:]),
-                   "stages": stage_numbers(arm_out)}
+                   "stages": stage_numbers(arm_out), "cost": arm_cost(arm)}
         elo_run = json.loads((arm_out / "train" / "model" / "elo_run.json").read_text())
         result["elo_layers"] = elo_run.get("layers")
         if "layer_scores" in elo_run:  # --layers auto:K: what it chose from
@@ -224,12 +253,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("arms", nargs="*", help=f"arms to run (default: all, in order): {', '.join(a.name for a in ARMS)}")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "smollm2-ko")
+    parser.add_argument("--refresh-cost", action="store_true", help="recompute the training FLOPs ('cost') of every "
+                                                                    "finished arm from its recipe; run nothing")
     args = parser.parse_args()
     names = {a.name: a for a in ARMS}
     unknown = [n for n in args.arms if n not in names]
     if unknown:
         parser.error(f"unknown arm(s) {', '.join(unknown)}; expected among {', '.join(names)}")
     (HERE / "results").mkdir(exist_ok=True)
+    if args.refresh_cost:
+        for arm in ARMS:
+            path = HERE / "results" / f"{arm.name}.json"
+            if arm.recipe is not None and path.is_file():
+                result = json.loads(path.read_text())
+                atomic_write_text(path, json.dumps(result | {"cost": arm_cost(arm)}, indent=1, ensure_ascii=False)
+                                  + "\n")
+        return
     for arm in [names[n] for n in args.arms] if args.arms else ARMS:
         run_arm(arm, args.out.resolve())
 
