@@ -12,6 +12,7 @@ two run this file as a script under torchrun (gloo), as tests/test_train.py runs
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -187,3 +188,21 @@ if __name__ == "__main__":  # under torchrun: CHECKPOINT OUT CASE...; each rank 
         (Path(out) / f"rank{d.rank}.json").write_text(json.dumps(results))
     finally:
         distributed.close(d)
+
+
+def test_the_oracle_is_planned_as_the_full_model_with_elos_layers_training(checkpoint):
+    """--in-situ trains ELO's layers inside the full model: the plan's model is the stage's own (elo.train.build's
+    in_situ_spec, materialized on the meta device), not the 2-layer submodel."""
+    from elo.train.build import in_situ_spec, meta_model
+    from elo.train.flops import train_flops_per_token
+
+    cfg = TrainConfig(out="unused", model=str(checkpoint), layers=LayerChoice.parse("1,4"), in_situ=True, seq_len=SEQ)
+    planned = resources.stage_model("train", cfg, ModelConfig.from_file(checkpoint / "config.json"))
+    built = meta_model(in_situ_spec(str(checkpoint), "1,4"))
+    assert planned.config.num_hidden_layers == 4
+    assert ([n for n, p in planned.named_parameters() if p.requires_grad]
+            == [n for n, p in built.named_parameters() if p.requires_grad])
+    assert train_flops_per_token(planned, SEQ) == train_flops_per_token(built, SEQ)
+    elo_cost = train_flops_per_token(resources.stage_model("train", dataclasses.replace(cfg, in_situ=False),
+                                                           planned.config), SEQ)
+    assert elo_cost < train_flops_per_token(planned, SEQ)
