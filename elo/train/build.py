@@ -180,6 +180,7 @@ def materialize(spec: ModelSpec, d: distributed.Dist, activation_checkpointing: 
                 local.copy_(src.rows(start, stop))
         else:
             p.copy_(src.full())
+    model.rope.to(d.device)  # offloaded too: only the shards live in CPU memory; RoPE computes beside the activations
     model.rope.inv_freq.copy_(rope_inv_freq(spec.config))
     model.name_or_path = spec.name_or_path
     return model

@@ -38,8 +38,22 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+CPU_OFFLOAD_NEEDS_CUDA = "--cpu-offload moves accelerator memory to the CPU; it needs CUDA (this run is on CPU)"
+
+
+def check_cpu_offload(cpu_offload: bool) -> None:
+    """Refuse `--cpu-offload` before any work without CUDA (`init` picks CUDA exactly when it is available) or
+    without torchrun (FSDP2 shards over a process group, which torchrun sets up, even for one GPU)."""
+    if cpu_offload and not torch.cuda.is_available():
+        raise ValueError(CPU_OFFLOAD_NEEDS_CUDA)
+    if cpu_offload and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--cpu-offload shards the model with FSDP2 over a process group: launch with torchrun, "
+                         "one GPU too (torchrun --standalone --nproc_per_node 1 SCRIPT ...)")
+
+
 def init() -> Dist:
-    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group if there is one (NCCL on CUDA with gloo beside it for CPU tensors; gloo on
+    CPU)."""
     world = world_size_from_env()
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,18 +61,20 @@ def init() -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # under torchrun, even with one process
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # on CUDA also gloo for CPU tensors: --cpu-offload clips and reports gradients that live in CPU memory
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo", device_id=device if cuda else None)
     return Dist(dist.get_rank() if dist.is_initialized() else 0, world, device)
 
 
 def parallelize(model: nn.Module, d: Dist, activation_checkpointing: bool = False, compile: bool = False,
-                cpu_offload: bool = False) -> nn.Module:
+                cpu_offload: bool = False, bf16: bool | None = None) -> nn.Module:
     """Per decoder layer: activation checkpointing, `torch.compile`, then FSDP2 (`fully_shard`); then the root (the
     embedding, final norm and head, tied or not). In place, on a model still on the meta device or not.
 
     FSDP2 applies with several processes, or with `cpu_offload` (parameters, gradients and optimizer state live in
     CPU memory). On CUDA parameters are gathered in bf16 and gradients reduced in fp32; on CPU everything stays
-    fp32 (bf16 is emulated on CPUs without AVX512-BF16/AMX and runs ~50x slower).
+    fp32 (bf16 is emulated on CPUs without AVX512-BF16/AMX and runs ~50x slower). `bf16` True / False forces that
+    policy either way (tests run the CUDA policy on gloo); None: by device, as above.
     """
     for layer in model.model.layers.values():
         if activation_checkpointing:
@@ -70,14 +86,16 @@ def parallelize(model: nn.Module, d: Dist, activation_checkpointing: bool = Fals
     if not (d.sharded or cpu_offload):
         return model
     if cpu_offload and d.device.type != "cuda":
-        raise ValueError("--cpu-offload moves accelerator memory to the CPU; it needs CUDA (this run is on CPU)")
+        raise ValueError(CPU_OFFLOAD_NEEDS_CUDA)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     # an explicit mesh: on a host with GPUs the default mesh goes to CUDA while gloo runs on CPU (pytorch #132471)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if d.device.type == "cuda" else MixedPrecisionPolicy()
+    if bf16 is None:
+        bf16 = d.device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.model.layers.values():
         fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
