@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KOBEST = ("kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic")
-FIGURES = ("fig2_alignment.png", "table1_time_vs_nll.png")
+FIGURES = ("fig2_alignment.png", "table1_time_vs_nll.png", "fig_frontier.png")
 SEED_PAIRS = (("full fine-tune (N)", ("table1", "seed1-fft"), "fft"),
               ("ELO (1,30) + align", ("table1", "seed1-elo"), "elo+align"),
               ("ELO (1,30), spliced", ("table1", "seed1-elo"), "elo spliced"),
@@ -322,11 +322,12 @@ def write(results: dict[str, dict], out: Path) -> str:
     p()
     claims(p, results)
     headroom(p, results)
+    frontier(p, results)
     (out / "RESULTS.md").write_text(p.out.getvalue(), encoding="utf-8")
     return p.out.getvalue()
 
 
-ORACLES = ("oracle-lr2e-5", "oracle-lr6e-5", "oracle-lr2e-4")
+ORACLES = ("oracle-lr2e-5", "oracle-lr6e-5", "oracle-lr2e-4", "oracle-lr6e-4")
 
 
 def headroom(p: Page, results: dict) -> None:
@@ -375,15 +376,152 @@ def headroom(p: Page, results: dict) -> None:
       f"alignment on the base alone (control): {gain:+.3f} nats better"
       + (f"; the control's two data orders differ by {noise[0]:.3f}, the noise level here." if noise else "."))
     p()
+    pairs = [(k, nll(R(o), "elo+align", "ko"), nll(R(c), "align only", "ko"))
+             for k, (o, c) in enumerate((("oracle-lr2e-4", "control"), ("oracle-lr2e-4-s1", "seed1-control"),
+                                         ("oracle-lr2e-4-s2", "seed2-control")))]
+    pairs = [(k, o, c) for k, o, c in pairs if o is not None and c is not None]
+    if len(pairs) > 1:
+        p("The same comparison at lr 2e-4 with other data orders (the oracle's ELO tokens, alignment tokens and the "
+          "control's tokens all follow the order):")
+        p()
+        p.table(["data order", "oracle + align, test NLL ko", "control, test NLL ko", "difference"],
+                [[str(k), f(o), f(c), delta(o, c)] for k, o, c in pairs])
+        diffs = [o - c for _, o, c in pairs]
+        p(f"Mean difference {sum(diffs) / len(diffs):+.3f} nats over {len(diffs)} data orders (from {min(diffs):+.3f} "
+          f"to {max(diffs):+.3f}).")
+        p()
     if noise and gain > 2 * noise[0]:
-        p(f"**Verdict: there is headroom.** Training layers 1 and 30 with their true gradients before alignment beats "
-          f"alignment alone by more than twice the noise, so a faithful enough stand-in for the middle could make ELO's "
-          f"cheap phase pay at this scale; the plain submodel (section 8) does not reach it.")
+        p("**Verdict: there is headroom.** Training layers 1 and 30 with their true gradients before alignment beats "
+          "alignment alone by more than twice the noise, so a faithful enough stand-in for the middle could make ELO's "
+          "cheap phase pay at this scale; the plain submodel (section 8) does not reach it.")
     else:
         p("**Verdict: no headroom at this scale.** Even with the full model's own gradients, training layers 1 and 30 "
           "on ELO's tokens before alignment does not beat spending the alignment tokens on the base by more than the "
           "noise (twice the data-order spread); so no ELO variant on these layers (plain, linear surrogate, "
           "distilled) can beat the alignment-only control here, whatever its stand-in for the middle.")
+    p()
+
+
+# E3: full fine-tuning from the base at these % of N, per data order (100%: table1's [fft] and seed1-fft, then its own)
+FFT_BUDGETS = (2.5, 5, 10, 25, 50, 100)
+
+
+def fft_arm(pct: float, seed: int) -> str:
+    if pct == 100 and seed < 2:
+        return ("table1", "seed1-fft")[seed]
+    return f"fft-{pct:g}-s{seed}"
+
+
+# the ELO arms placed on the frontier: (row, arm, model label); each at the FLOPs of the stages it paid for
+PLACED = (("ELO (1,30) + align", "table1", "elo+align"), ("ELO (1,30) + align, order 1", "seed1-elo", "elo+align"),
+          ("ELO (1,30), spliced", "table1", "elo spliced"),
+          ("surrogate ELO + align", "surrogate", "elo+align"),
+          ("surrogate ELO + align, order 1", "seed1-surrogate", "elo+align"),
+          ("alignment alone (control)", "control", "align only"),
+          ("alignment alone, order 1", "seed1-control", "align only"),
+          ("alignment alone, order 2", "seed2-control", "align only"),
+          ("oracle lr 2e-4 + align (bound)", "oracle-lr2e-4", "elo+align"),
+          ("oracle lr 2e-4 + align, order 1", "oracle-lr2e-4-s1", "elo+align"),
+          ("oracle lr 2e-4 + align, order 2", "oracle-lr2e-4-s2", "elo+align"),
+          ("LoRA r16 (N)", "table1", "lora"))
+COSTED = {"elo+align": ("train", "align", "middle fit"), "elo spliced": ("train", "middle fit"), "align only": ("align",),
+          "lora": ("lora",)}
+
+
+def cost(r: dict | None, label: str) -> float | None:
+    """Training FLOPs behind model `label` of arm `r` (run.py's analytic count per stage; None: not recorded)."""
+    if r is None or "cost" not in r:
+        return None
+    stages = r["cost"]["stages"]
+    names = COSTED.get(label) or (("fft",) if "fft" in stages else ("train",))
+    return sum(stages[n]["tokens"] * stages[n]["flops_per_token"] for n in names if n in stages)
+
+
+def fft_curve(results: dict) -> list[tuple[float, float, list[float], list[float]]]:
+    """(% of N, FLOPs, Korean test NLL per data order, English ...) of each FFT budget with at least one order run."""
+    rows = []
+    for pct in FFT_BUDGETS:
+        arms = [results.get(fft_arm(pct, seed)) for seed in range(3)]
+        arms = [r for r in arms if nll(r, "fft", "ko") is not None and cost(r, "fft") is not None]
+        if arms:
+            rows.append((pct, cost(arms[0], "fft"), [nll(r, "fft", "ko") for r in arms],
+                         [nll(r, "fft", "en") for r in arms]))
+    return rows
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float | None]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+
+
+def on_curve(curve: list[tuple], flops: float) -> float | None:
+    """The FFT curve's mean Korean NLL at `flops`, linear in log FLOPs between the two budgets around it."""
+    points = [(math.log(c), mean_sd(ko)[0]) for _, c, ko, _ in curve]
+    x = math.log(flops)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def frontier(p: Page, results: dict) -> None:
+    """Issue 21, E3: full fine-tuning at equal compute is the yardstick; every ELO arm at its true training cost."""
+    p("## 10. The compute-matched frontier (issue 21, E3)")
+    p()
+    per_token = {name: results[arm]["cost"]["stages"][stage]["flops_per_token"] / 1e9
+                 for name, arm, stage in (("ELO's submodel", "table1", "train"), ("the oracle", "oracle-lr2e-4", "train"),
+                                          ("full fine-tuning", "table1", "fft"))
+                 if "cost" in results.get(arm, {})}
+    p("Full fine-tuning from the base on the first 2.5% to 100% of N tokens of the same stream (lr 5e-5, the same "
+      "schedule shape as table 1's), three data orders each, against training FLOPs: the analytic count elo's "
+      "planner makes (`elo.train.flops`: 2 FLOPs per multiply-add forward, 2 more for each input and each weight "
+      "gradient computed; `run.py` records it per stage)"
+      + "".join(f"{'. Per token: ' if i == 0 else ', '}{name} {v:.3f} GFLOP" for i, (name, v) in enumerate(per_token.items()))
+      + ". Every ELO arm is placed at the FLOPs of every stage its model paid for (ELO, alignment, the surrogate's "
+      "fit; the control: its alignment only). Wall time is not the axis: these arms shared the CPU with other work.")
+    p()
+    curve = fft_curve(results)
+    if len(curve) < 2:
+        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(
+            fft_arm(pct, seed) for pct in FFT_BUDGETS for seed in range(3) if not (pct == 100 and seed < 2)) + "`.")
+        p()
+        return
+    rows, spreads = [], []
+    for pct, flops, ko, en in curve:
+        m, sd = mean_sd(ko)
+        if sd is not None:
+            spreads.append(sd)
+        rows.append([f"{pct:g}%", count(int(40960 * pct / 100)), f"{flops / 1e12:.2f}",
+                     " / ".join(f(x) for x in ko), f"{f(m)} ± {f(sd)}" if sd is not None else f(m),
+                     f(mean_sd(en)[0])])
+    p.table(["FFT budget", "tokens", "TFLOP", "test NLL ko per data order", "mean ± sd", "test NLL en (mean)"], rows)
+    noise = max(spreads) if spreads else NOISE
+    p(f"The largest spread between data orders at one budget is {noise:.3f} nats (sd); a difference from the curve "
+      f"counts below when it exceeds twice that.")
+    p()
+    rows, below = [], []
+    for row, arm, label in PLACED:
+        r = results.get(arm)
+        x, y = cost(r, label), nll(r, label, "ko")
+        if x is None or y is None:
+            continue
+        ref = on_curve(curve, x)
+        rows.append([row, f"{x / 1e12:.2f}", f(y), f(ref), delta(y, ref) if ref is not None else "off the curve"])
+        if ref is not None and y < ref - 2 * noise:
+            below.append(row)
+    p.table(["model", "TFLOP", "test NLL ko", "FFT at the same TFLOP", "difference"], rows)
+    p("FFT at the same TFLOP: the mean curve above, linear in log FLOPs between the two budgets around the arm. "
+      "Figure: `fig_frontier.png`.")
+    p()
+    real = [b for b in below if "oracle" not in b]
+    if real:
+        p(f"**Verdict: below the frontier:** {', '.join(real)}: at its cost it beats full fine-tuning by more than "
+          f"twice the data-order spread.")
+    else:
+        p("**Verdict: no ELO arm is below the full fine-tuning curve at its cost.** "
+          + (f"Only the oracle ({', '.join(below)}), which is a bound and no method, is." if below else
+             "Not even the oracle, the bound for any stand-in of the middle, is.")
+          + " Spending the same FLOPs on full fine-tuning of the base is at least as good here.")
     p()
 
 
@@ -582,6 +720,34 @@ def figures(results: dict, out: Path) -> list[str]:
         fig.savefig(out / FIGURES[1], dpi=100, metadata={"Software": None})
         plt.close(fig)
         made.append(FIGURES[1])
+    curve = fft_curve(results)
+    if len(curve) >= 2:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        xs = [c / 1e12 for _, c, _, _ in curve]
+        ax.plot(xs, [mean_sd(ko)[0] for _, _, ko, _ in curve], "k-", lw=1, label="full fine-tuning (mean)")
+        for (_, c, ko, _) in curve:
+            ax.plot([c / 1e12] * len(ko), ko, "k.", ms=4)
+        marks = {"ELO": "o", "surrogate": "s", "alignment": "^", "oracle": "D", "LoRA": "v"}
+        seen = set()
+        for row, arm, label in PLACED:
+            r = results.get(arm)
+            x, y = cost(r, label), nll(r, label, "ko")
+            if x is None or y is None:
+                continue
+            kind = next(k for k in marks if row.startswith(k))
+            name = row.split(",")[0] if "order" in row else row
+            ax.plot(x / 1e12, y, marks[kind], label=None if name in seen else name, alpha=0.8)
+            seen.add(name)
+        if nll(results.get("base"), "base", "ko") is not None:
+            ax.axhline(nll(results["base"], "base", "ko"), color="gray", lw=1, ls=":", label="base")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (TFLOP, analytic)")
+        ax.set_ylabel("test NLL ko (nats/token)")
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(out / FIGURES[2], dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        made.append(FIGURES[2])
     return made
 
 
