@@ -57,6 +57,7 @@ eval_batches = 2
 save_spliced = true
 """
 REST = """
+[control]
 [chat_vector]
 base = "{model}"
 instruct = "{model}"
@@ -118,10 +119,14 @@ def _metrics(report: dict) -> dict:
 @pytest.mark.slow
 def test_end_to_end_report_equals_evaluate_rerun(finished, tmp_path):
     report = json.loads((finished / "report.json").read_text())
-    assert list(report["stages"]) == ["train", "align", "chat_vector", "sft", "fft", "lora"]
-    assert list(report["evaluation"]) == ["base", "train", "align", "chat_vector", "sft", "fft", "lora"]
+    assert list(report["stages"]) == ["train", "align", "control", "chat_vector", "sft", "fft", "lora"]
+    assert list(report["evaluation"]) == ["base", "train", "align", "control", "chat_vector", "sft", "fft", "lora"]
+    # the control: alignment's run on the base alone, the same tokens, steps and held-out windows
+    assert {k: report["stages"]["control"][k] for k in ("steps", "tokens")} == \
+        {k: report["stages"]["align"][k] for k in ("steps", "tokens")}
+    assert json.loads((finished / "control" / "train_config.json").read_text())["control"] is True
     assert report["figures"] == ["loss.png", "comparison.png"] and (finished / "loss.png").is_file()
-    for name in ("train", "align", "sft", "fft", "lora"):
+    for name in ("train", "align", "control", "sft", "fft", "lora"):
         s = report["stages"][name]
         assert s["tokens"] > 0 and s["tokens_per_s"] > 0 and s["wall_s"] >= s["train_s"] > 0
     assert report["stages"]["train"]["tokens"] == 6 * 2 * SEQ

@@ -167,7 +167,8 @@ def test_paper_recipe_plans_offline_beside_the_papers_hours(tmp_path, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     p = elo.plan(REPO / "recipes" / "llama3.1-8b-ko.toml", "h100-80gb")
     stages = {s.name: s for s in p.stages}
-    assert list(stages) == ["train", "align", "sft"] and p.world_size == 8
+    assert list(stages) == ["train", "align", "control", "sft"] and p.world_size == 8
+    assert stages["control"].tokens == stages["align"].tokens  # the same alignment, on the base alone
     assert stages["train"].tokens == 4769 * 8 * 4 * 2048 * 8 and stages["align"].tokens >= 300_000_000
     assert stages["train"].fewest_gpus == 1 and stages["align"].fewest_gpus > 1  # the paper's stated limitation
     assert stages["train"].memory.peak < stages["align"].memory.peak
@@ -177,17 +178,6 @@ def test_paper_recipe_plans_offline_beside_the_papers_hours(tmp_path, monkeypatc
         elo.plan(REPO / "recipes" / "llama3.1-8b-ko.toml", "h100")
     pipeline.main([str(REPO / "recipes" / "llama3.1-8b-ko.toml"), "--plan", "--gpu", "24GB"])
     assert "GPU 24GB: 24 GiB" in capsys.readouterr().out
-
-
-if __name__ == "__main__":  # under torchrun: CHECKPOINT OUT CASE...; each rank writes OUT/rank{R}.json
-    directory, out, *names = sys.argv[1:]
-    torch.set_num_threads(1)
-    d = distributed.init()
-    try:
-        results = {name: measure(Path(directory), name, d) for name in names}
-        (Path(out) / f"rank{d.rank}.json").write_text(json.dumps(results))
-    finally:
-        distributed.close(d)
 
 
 def test_the_oracle_is_planned_as_the_full_model_with_elos_layers_training(checkpoint):
@@ -206,3 +196,15 @@ def test_the_oracle_is_planned_as_the_full_model_with_elos_layers_training(check
     elo_cost = train_flops_per_token(resources.stage_model("train", dataclasses.replace(cfg, in_situ=False),
                                                            planned.config), SEQ)
     assert elo_cost < train_flops_per_token(planned, SEQ)
+
+
+if __name__ == "__main__":  # under torchrun: CHECKPOINT OUT CASE...; each rank writes OUT/rank{R}.json
+    directory, out, *names = sys.argv[1:]
+    torch.set_num_threads(1)
+    d = distributed.init()
+    try:
+        results = {name: measure(Path(directory), name, d) for name in names}
+        (Path(out) / f"rank{d.rank}.json").write_text(json.dumps(results))
+    finally:
+        distributed.close(d)
+

@@ -30,13 +30,15 @@ from elo.tools.cli import base_type, build_config, to_argv
 from elo.tools.files import MARKER
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("train", "align", "chat_vector", "sft", "fft", "lora", "evaluate")
-MODELS = ("base", "train", "align", "chat_vector", "sft", "fft", "lora")  # what evaluation can compare
+STAGES = ("train", "align", "control", "chat_vector", "sft", "fft", "lora", "evaluate")
+MODELS = ("base", "train", "align", "control", "chat_vector", "sft", "fft", "lora")  # what evaluation can compare
 TOP_KEYS = ("model", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "data", *STAGES)
 DATA_KINDS = ("pretrain", "align", "sft")  # align text defaults to the pretraining text
-NEEDS = {"align": "train", "chat_vector": "align", "sft": "align"}  # sft takes chat_vector's model when present
-SCRIPTS = {"train": "train.py", "fft": "train.py", "lora": "train.py", "align": "align.py", "sft": "sft.py"}
-CONFIGS = {"train": TrainConfig, "fft": TrainConfig, "lora": TrainConfig, "align": AlignConfig, "sft": SFTConfig}
+NEEDS = {"align": "train", "control": "align", "chat_vector": "align", "sft": "align"}  # sft: chat_vector's if there
+SCRIPTS = {"train": "train.py", "fft": "train.py", "lora": "train.py", "align": "align.py", "control": "align.py",
+           "sft": "sft.py"}
+CONFIGS = {"train": TrainConfig, "fft": TrainConfig, "lora": TrainConfig, "align": AlignConfig, "control": AlignConfig,
+           "sft": SFTConfig}
 # set from the recipe's model, data and stage order, never in a stage table
 SET_BY_PIPELINE = {"model", "data", "out", "resume", "elo", "chat_vector_base", "chat_vector_instruct",
                    "chat_vector_ratio"}
@@ -352,6 +354,13 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None, o
             continue
         if name == "evaluate":  # planned below, once every stage is known
             continue
+        if name == "control":  # alignment alone: [align]'s run on the base, without ELO's layers
+            if table:
+                raise _key_error(f"control.{next(iter(table))}", "the control runs [align]'s options on the base, so "
+                                                                 "that only ELO's layers differ; set them in [align]")
+            stages[name] = _stage(name, stage_out, {k: v for k, v in align_values.items() if k != "save_spliced"}
+                                  | {"control": True})
+            continue
         if name in ("fft", "lora"):
             align = stages["align"].config if "align" in stages else None
             table = _baseline_table(name, table, train_table, base, _method_steps(elo.config, align,
@@ -363,6 +372,7 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None, o
             align_data = _data_for(data, "align", name)
             table = _align_table(table, train_table, align_data == _data_for(data, "pretrain", "train"))
             values = {"elo": str(out / "train"), "data": align_data}
+            align_values = values | table
         else:  # sft: on the chat vector's model when there is one, else align's
             source = stages["chat_vector"] if "chat_vector" in stages else stages["align"]
             values = {"model": str(source.model), "data": _data_for(data, "sft", name)}

@@ -274,7 +274,7 @@ def stage_model(name: str, cfg, config: ModelConfig) -> Transformer:
             spec = ModelSpec(config, {}, "", trainable=in_situ_trainable(ids, cfg.train_embeddings))
         else:
             spec = ModelSpec(submodel_config(config, ids), {}, "", trainable=elo_trainable(cfg.train_embeddings))
-    if name == "align" and cfg.train_layers:
+    if name in ("align", "control") and cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)
     return meta_model(cfg.with_lora(spec, cfg.seed))
 
@@ -382,9 +382,9 @@ def plan(recipe: str | os.PathLike, gpu: str = "h100-80gb", mfu: float | None = 
         shape = Shape(cfg.batch_size, cfg.seq_len, cfg.grad_accum, p.world_size, cfg.activation_checkpointing,
                       getattr(cfg, "cpu_offload", False))  # train.py has no --cpu-offload
         steps = cfg.max_steps
-        if name == "align" and steps is None:  # align's own rule: a token budget, by default a ninth of ELO's
+        if name in ("align", "control") and steps is None:  # align's own rule: a token budget, by default a ninth of ELO's
             steps = math.ceil(budget_tokens(cfg.tokens, stages[0].tokens) / _tokens_per_step(shape))
-        model_config = load_model_config(cfg.base) if name == "align" and cfg.base else config
+        model_config = load_model_config(cfg.base) if name in ("align", "control") and cfg.base else config
         stages.append(_plan_stage(name, stage_model(name, cfg, model_config), shape, steps, card))
     paper = []
     if p.model == PAPER["model"] and "train" in configs and configs["train"].mode == "elo":

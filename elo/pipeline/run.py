@@ -60,7 +60,7 @@ def stage_config(p: Plan, stage: Stage):
     hub id is not downloaded); align's derived values (base, steps) settled in it when ELO has run."""
     cfg = dataclasses.replace(stage.config)
     cfg.check_sources = False  # reading the recipe checked them (and noted Hub datasets it could not check offline)
-    if stage.name == "align":
+    if stage.name in ("align", "control"):
         if p.stages["train"].finished:
             align_plan(cfg, p.world_size)
         else:  # ELO has not run yet: check what can be checked without its output
@@ -126,7 +126,8 @@ def banner(text: str) -> None:
     print(f"\n{line}\n== {text}\n{line}", flush=True)
 
 
-RUN = {"train": train, "fft": train, "lora": train, "align": align, "sft": sft}  # each script's main(argv) calls this
+# the function each script's main(argv) calls
+RUN = {"train": train, "fft": train, "lora": train, "align": align, "control": align, "sft": sft}
 
 
 def _run_script(p: Plan, stage: Stage, resume: bool) -> None:
