@@ -201,20 +201,67 @@ class FrozenAffine(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # follow the activations' dtype: FSDP's mixed precision casts parameters to bf16, never buffers
+    windows: tuple[int | None, ...] = ()  # attends to nothing (see MiddleBlocks)
+
+    def forward(self, x: Tensor, *block_context) -> Tensor:
+        # a map needs none of the positions and masks a block gets; follow the activations' dtype: FSDP's mixed
+        # precision casts parameters to bf16, never buffers
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
-class MiddleSurrogate(nn.ModuleDict):
-    """Frozen maps keyed like `model.model.layers` (the upper layer's original 0-based index): entry k maps the output
-    of the submodel layer below layer k to layer k's input. `stats` records the fit (JSON): kind, ridge, tokens,
-    held_out, layers (1-based, as detached), gaps ([lower, upper] 1-based), r2 (held-out, per gap), fingerprint and
-    name of the base, hidden_size, seconds."""
+class MiddleBlocks(nn.Module):
+    """Decoder blocks run one after another in place of the layers of a gap (elo.extensions.distill): ordinary
+    `DecoderLayer`s, their weights named as in a HF layer (`blocks.{b}.self_attn.q_proj.weight`, ...).
+    `windows[b]`: block b's sliding window (None: full causal attention). Trainable while distilled; `freeze()` turns
+    the weights into buffers, as FrozenAffine's are. They compute in their own dtype (the fit's fp32) and hand back
+    the activations' dtype. Attention over earlier positions needs their keys: no KV-cache decoding through blocks."""
 
-    def __init__(self, maps: dict[str, FrozenAffine], stats: dict):
+    def __init__(self, blocks: list[DecoderLayer], windows: list[int | None]):
+        super().__init__()
+        if len(blocks) != len(windows):
+            raise ValueError(f"{len(blocks)} blocks but {len(windows)} windows")
+        self.blocks = nn.ModuleList(blocks)
+        self.windows = list(windows)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, masks: dict[int | None, Tensor | None | list],
+                documents: list[int] | None = None) -> Tensor:
+        dtype = x.dtype
+        x = x.to(self.blocks[0].input_layernorm.weight.dtype)
+        for block, window in zip(self.blocks, self.windows):
+            x = block(x, cos, sin, masks[window], documents=documents)
+        return x.to(dtype)
+
+    def freeze(self, values: Mapping[str, Tensor] | None = None) -> "MiddleBlocks":
+        """In place: every weight becomes a buffer, the same tensor (detached), or `values[name]` (by parameter name)
+        when given, e.g. read from a file onto blocks built on the meta device."""
+        names = [n for n, _ in self.named_parameters()]
+        if values is not None and set(values) != set(names):
+            raise ValueError(f"block weights {sorted(set(names) - set(values))[:3]} missing, "
+                             f"{sorted(set(values) - set(names))[:3]} unexpected")
+        for prefix, module in self.named_modules():
+            for name, p in list(module._parameters.items()):
+                del module._parameters[name]
+                full = f"{prefix}.{name}" if prefix else name
+                value = None if p is None else values[full] if values is not None else p.detach()
+                module.register_buffer(name, value, persistent=False)
+        return self
+
+
+class MiddleSurrogate(nn.ModuleDict):
+    """Frozen stand-ins keyed like `model.model.layers` (the upper layer's original 0-based index): entry k maps the
+    output of the submodel layer below layer k to layer k's input, a FrozenAffine (kind "linear", fit_middle) or
+    MiddleBlocks (kind "distilled", distill_middle). `stats` records the fit (JSON): kind, tokens, held_out, layers
+    (1-based, as detached), gaps ([lower, upper] 1-based), fingerprint and name of the base, hidden_size, seconds;
+    linear: ridge, r2 (held-out, per gap); distilled: see elo.extensions.distill."""
+
+    def __init__(self, maps: dict[str, FrozenAffine | MiddleBlocks], stats: dict):
         super().__init__(maps)
         self.stats = stats
+
+    @property
+    def windows(self) -> set[int | None]:
+        """The attention windows the stand-ins' blocks use (empty: maps only)."""
+        return {w for m in self.values() for w in m.windows}
 
 
 def attach_middle(model: Transformer, surrogate: MiddleSurrogate) -> Transformer:
@@ -255,9 +302,9 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
-        # ELO submodel only: frozen maps standing in for the layers between detached ones, applied before the layer of
-        # the same key (elo.extensions.middle); they hold buffers, not parameters, so the HF state dict is unchanged
-        self.middle: nn.ModuleDict | None = None
+        # ELO submodel only: frozen stand-ins for the layers between detached ones, applied before the layer of the
+        # same key (elo.extensions); they hold buffers, not parameters, so the HF state dict is unchanged
+        self.middle: MiddleSurrogate | None = None
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state_dict: Mapping[str, Tensor]) -> "Transformer":
@@ -292,6 +339,10 @@ class Transformer(nn.Module):
         itself), with no padding."""
         T = input_ids.shape[1]
         windows = {self.config.window(i) for i in range(len(self.model.layers))}
+        if self.middle is not None:
+            if cache is not None and self.middle.windows:
+                raise ValueError("the middle stand-in's blocks keep no KV cache; decode with the spliced full model")
+            windows |= self.middle.windows
         x = self.model.embed_tokens(input_ids)
         if documents is not None:
             if cache is not None or input_ids.shape[0] != 1 or sum(documents) != T:
@@ -307,7 +358,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         for i, (key, layer) in enumerate(self.model.layers.items()):
             if self.middle is not None and key in self.middle:
-                x = self.middle[key](x)
+                x = self.middle[key](x, cos, sin, masks, documents)
             x = layer(x, cos, sin, masks[self.config.window(i)], cache, i, documents)
         return self.model.norm(x)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from elo.extensions.distill import distill_middle
 from elo.extensions.fidelity import gradient_fidelity
 from elo.extensions.layer_scores import layer_scores
 from elo.extensions.middle import KINDS, fit_middle
@@ -65,6 +66,18 @@ class LayerChoice:
         return self.text
 
 
+def parse_middle(text: str) -> tuple[str, int]:
+    """`--middle`: 'linear' -> ("linear", 0); 'distilled' or 'distilled:K' -> ("distilled", K), K decoder blocks per gap
+    (default 1)."""
+    kind, _, k = text.partition(":")
+    if kind == "linear" and not k:
+        return kind, 0
+    if kind == "distilled" and (not k or (k.isdigit() and int(k) >= 1)):
+        return kind, int(k or 1)
+    raise ValueError(f"--middle {text!r}: expected {' or '.join(map(repr, KINDS))}, or distilled:K with K a positive "
+                     f"integer (decoder blocks per gap)")
+
+
 @dataclass(kw_only=True)
 class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
     model: str = field(default=DEFAULT_MODEL, metadata=option("HF model directory, hub id, or the offline default"))
@@ -73,9 +86,13 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         "elo.layer_scores suggests", parse=LayerChoice.parse))
     train_embeddings: bool = field(default=False, metadata=option("ELO: also train embedding, final norm and head"))
     middle: str | None = field(default=None, metadata=option(
-        "ELO: put a frozen fitted surrogate of the skipped middle layers between the chosen ones ('linear'), so the "
-        "upper layer trains on inputs like those it sees in the full model"))
+        "ELO: put a frozen fitted surrogate of the skipped middle layers between the chosen ones, so the upper layer "
+        "trains on inputs like those it sees in the full model: 'linear' (a ridge map per gap) or 'distilled[:K]' (K "
+        "decoder blocks per gap, default 1, started from the skipped layers and distilled from the full model)"))
     middle_tokens: int = field(default=12000, metadata=option("tokens of the training mix the surrogate is fitted on"))
+    middle_steps: int = field(default=200, metadata=option(
+        "--middle distilled: AdamW steps of one batch each over the --middle-tokens (several passes if need be)"))
+    middle_lr: float = field(default=1e-4, metadata=option("--middle distilled: the distillation's learning rate"))
     in_situ: bool = field(default=False, metadata=option(
         "ELO's oracle: train the chosen layers inside the full model (exact gradients, the middle computed and "
         "frozen) on the same stream; writes the submodel, so align.py continues from it. An upper bound for any "
@@ -99,13 +116,16 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         self.model = normalize_model(self.model)
         self.validate_lora()
         if self.middle is not None:
-            if self.middle not in KINDS:
-                raise ValueError(f"--middle {self.middle!r}: expected one of {', '.join(KINDS)}")
+            parse_middle(self.middle)
             if self.mode != "elo":
                 raise ValueError("--middle stands in for the layers ELO skips; it needs ELO mode (--layers 1,32)")
         if self.in_situ and (self.mode != "elo" or self.middle or self.fidelity_every):
             raise ValueError("--in-situ trains ELO's layers inside the full model: it needs ELO mode (--layers 1,32) "
                              "and no --middle or --fidelity-every (there is no stand-in to measure)")
+        if self.middle_steps < 0:
+            raise ValueError(f"--middle-steps {self.middle_steps}: expected 0 or a positive integer")
+        if not self.middle_lr > 0:
+            raise ValueError(f"--middle-lr {self.middle_lr}: expected a positive number")
         if self.fidelity_every < 0:
             raise ValueError(f"--fidelity-every {self.fidelity_every}: expected 0 (off) or a positive integer")
         if self.fidelity_every and self.mode != "elo":
@@ -194,10 +214,15 @@ class FidelityProbe:
 def check_middle(cfg: TrainConfig, spec: ModelSpec) -> None:
     """--middle's cheap checks, before any data or weights are read."""
     ids = spec.config.layer_ids
-    if not any(b - a > 1 for a, b in zip(ids, ids[1:])):
+    skipped = [b - a - 1 for a, b in zip(ids, ids[1:]) if b - a > 1]
+    if not skipped:
         raise ValueError(f"--middle needs at least two chosen layers with layers between them; --layers {cfg.layers} "
                          f"leaves no gap to stand in for")
-    if cfg.middle_tokens < spec.config.hidden_size + 1:
+    kind, blocks = parse_middle(cfg.middle)
+    if kind == "distilled" and blocks > min(skipped):
+        raise ValueError(f"--middle {cfg.middle!r}: {blocks} blocks per gap, but a gap between layers "
+                         f"{[i + 1 for i in ids]} skips only {min(skipped)}; expected K from 1 to {min(skipped)}")
+    if kind == "linear" and cfg.middle_tokens < spec.config.hidden_size + 1:
         raise ValueError(f"--middle-tokens {cfg.middle_tokens}: too few to fit a {spec.config.hidden_size}-wide map; "
                          f"expected at least {spec.config.hidden_size + 1}")
 
@@ -208,16 +233,28 @@ def attach_fitted_middle(cfg: TrainConfig, layers: list[int], model, tokenizer, 
     directory = Path(cfg.out) / "checkpoints"
     if d.main and not (directory / MIDDLE_NAME).is_file():
         stream, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))
-        surrogate = fit_middle(cfg.model, layers, (stream.next_batch(cfg.batch_size) for _ in itertools.count()),
-                               tokens=cfg.middle_tokens, kind=cfg.middle, device=d.device)
+        batches = (stream.next_batch(cfg.batch_size) for _ in itertools.count())
+        kind, blocks = parse_middle(cfg.middle)
+        if kind == "linear":
+            surrogate = fit_middle(cfg.model, layers, batches, tokens=cfg.middle_tokens, device=d.device)
+        else:
+            # a step of the training's global batch: the same stand-in on any number of processes
+            surrogate = distill_middle(cfg.model, layers, batches, tokens=cfg.middle_tokens, blocks=blocks,
+                                       steps=cfg.middle_steps, lr=cfg.middle_lr,
+                                       accumulate=cfg.grad_accum * d.world_size, seed=cfg.seed, device=d.device)
         directory.mkdir(parents=True, exist_ok=True)
         save_middle(surrogate, directory)
     distributed.barrier(d)
     surrogate = load_middle(directory, d.device)
     attach_middle(model, surrogate)
+    stats = surrogate.stats
     if d.main:
-        print(f"middle surrogate ({cfg.middle}) attached: {surrogate.stats}", flush=True)
-    return {"middle_r2": surrogate.stats.get("r2")}
+        shown = {k: v for k, v in stats.items() if k != "config"}  # the base's config.json: no news in a log
+        print(f"middle surrogate ({cfg.middle}) attached: {shown}", flush=True)
+    if stats["kind"] == "linear":
+        return {"middle_r2": stats["r2"]}
+    return {"middle_mse": stats["mse"], "middle_kl": stats["kl"]} | {
+        f"middle_cosine/{layer}": cosine for layer, cosine in stats["fidelity"].items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,13 +37,15 @@ def setup(model: torch.nn.Module, mode: str) -> torch.nn.Module:
         return model
     if mode == "lora":
         return add_lora(model, rank=4, alpha=8)
-    if mode in ("elo", "elo+middle"):
+    if mode in ("elo", "elo+middle", "elo+distilled"):
         sub = elo.detach(model, [1, 4])
         sub.requires_grad_(False)
         sub.model.layers.requires_grad_(True)
+        ids = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
         if mode == "elo+middle":  # the fitted surrogate of layers 2-3, frozen, between the two trained layers
-            ids = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
             elo.attach_middle(sub, elo.fit_middle(model, [1, 4], ids.split(2), tokens=100))
+        if mode == "elo+distilled":  # two frozen decoder blocks (layers 2 and 3 as they are) in their place
+            elo.attach_middle(sub, elo.distill_middle(model, [1, 4], ids.split(2), tokens=100, blocks=2, steps=0))
         return sub
     model.requires_grad_(False)  # "frozen": layers 2 and 3 of 4 train inside the full graph
     for i in ("1", "2"):
@@ -51,7 +53,7 @@ def setup(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "elo", "elo+middle", "frozen"])
+@pytest.mark.parametrize("mode", ["full", "lora", "elo", "elo+middle", "elo+distilled", "frozen"])
 def test_analytic_flops_equal_pytorch_flop_counter(tiny, mode):
     _, directory, _ = tiny
     model = setup(elo.load_model(directory), mode)

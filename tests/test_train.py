@@ -36,7 +36,9 @@ def run(cmd, env, **kw):
     return result
 
 
-@pytest.mark.parametrize("middle", [(), ("--middle", "linear", "--middle-tokens", "300")], ids=["plain", "middle"])
+@pytest.mark.parametrize("middle", [(), ("--middle", "linear", "--middle-tokens", "300"),
+                                    ("--middle", "distilled:2", "--middle-tokens", "128", "--middle-steps", "2")],
+                         ids=["plain", "middle", "distilled"])
 def test_two_processes_match_one_and_only_chosen_layers_change(run_env, tmp_path, middle):
     root, _, env = run_env
     one, two = tmp_path / "one", tmp_path / "two"

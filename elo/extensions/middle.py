@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from elo.config import ModelConfig
 from elo.data.text import TextTokenizer, text_windows
 from elo.extensions.hidden import input_ids, layer_states
 from elo.hf.checkpoint import load_config, load_model
@@ -37,7 +38,7 @@ from elo.hf.hub import resolve
 from elo.model import FrozenAffine, MiddleSurrogate, Transformer
 from elo.surgery import parse_layers
 
-KINDS = ("linear",)
+KINDS = ("linear", "distilled")  # fit_middle here; distill_middle in elo.extensions.distill
 
 
 class _Moments:
@@ -106,8 +107,22 @@ def accumulate(model: Transformer, gaps: list[tuple[int, int]], data: Iterable, 
     raise ValueError(f"the data ran out after {seen} tokens; fitting needs tokens + held_out = {need}")
 
 
+def middle_gaps(config: ModelConfig, layers: Sequence[int] | str, who: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The chosen layers (1-based `layers` -> sorted 0-based) and the gaps between them ((lower, upper), 0-based;
+    adjacent layers leave none), after checking that `config` is a full base model's and that there is a middle."""
+    if config.elo is not None:
+        raise ValueError(f"{who} needs the full base model; this is an ELO submodel of {config.elo['base']!r}")
+    ids = parse_layers(layers, config.num_hidden_layers)
+    if len(ids) < 2:
+        raise ValueError(f"a middle surrogate needs at least 2 layers to stand between; got layers {layers!r}")
+    gaps = [(lo, hi) for lo, hi in zip(ids, ids[1:]) if hi > lo + 1]
+    if not gaps:
+        raise ValueError(f"layers {layers!r} are adjacent: there are no middle layers for a surrogate to replace")
+    return ids, gaps
+
+
 def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | str,
-               data: Iterable[Tensor] | Iterable[str], tokens: int, kind: str = "linear", ridge: float = 1e-2,
+               data: Iterable[Tensor] | Iterable[str], tokens: int, ridge: float = 1e-2,
                held_out: int | None = None, tokenizer: TextTokenizer | None = None, seq_len: int = 512,
                device: str | torch.device = "cpu") -> MiddleSurrogate:
     """Fit the surrogate of the layers between `layers` (1-based, as for `detach`) of the full model `model` (a
@@ -118,19 +133,10 @@ def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | s
     token positions are fitted; `held_out` more (default tokens // 10), from the batches after the last one fitted on,
     give the R² in `stats["r2"]`.
     Adjacent layers leave no gap and get no map. `ridge`: see `_Moments.solve`; 0 is plain least squares."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown surrogate kind {kind!r}; expected one of: {', '.join(KINDS)}")
     if not (math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge={ridge}; expected a finite number >= 0")
     config = model.config if isinstance(model, Transformer) else load_config(resolve(model))
-    if config.elo is not None:
-        raise ValueError(f"fit_middle needs the full base model; this is an ELO submodel of {config.elo['base']!r}")
-    ids = parse_layers(layers, config.num_hidden_layers)
-    if len(ids) < 2:
-        raise ValueError(f"a middle surrogate needs at least 2 layers to stand between; got layers {layers!r}")
-    gaps = [(lo, hi) for lo, hi in zip(ids, ids[1:]) if hi > lo + 1]
-    if not gaps:
-        raise ValueError(f"layers {layers!r} are adjacent: there are no middle layers for a surrogate to replace")
+    ids, gaps = middle_gaps(config, layers, "fit_middle")
     d = config.hidden_size
     if tokens < d + 1:
         raise ValueError(f"tokens={tokens} is too few to fit a map on hidden size {d}; expected at least {d + 1}")
@@ -149,7 +155,7 @@ def fit_middle(model: Transformer | str | os.PathLike, layers: Sequence[int] | s
         w = fit[g].solve(ridge)
         r2.append(test[g].r2(w))
         maps[str(g[1])] = FrozenAffine(w[:d].T.float().contiguous(), w[d].float())
-    stats = {"kind": kind, "ridge": ridge, "tokens": tokens, "held_out": held_out, "layers": [i + 1 for i in ids],
+    stats = {"kind": "linear", "ridge": ridge, "tokens": tokens, "held_out": held_out, "layers": [i + 1 for i in ids],
              "gaps": [[lo + 1, hi + 1] for lo, hi in gaps], "r2": r2, "hidden_size": d,
              "fingerprint": model.fingerprint(),
              "base": model.name_or_path, "seconds": time.perf_counter() - start}

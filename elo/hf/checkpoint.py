@@ -23,7 +23,8 @@ from torch import Tensor
 from elo.config import ModelConfig
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.hf.hub import resolve
-from elo.model import FrozenAffine, MiddleSurrogate, Transformer, attach_middle, fingerprint
+from elo.model import (DecoderLayer, FrozenAffine, MiddleBlocks, MiddleSurrogate, Transformer, attach_middle,
+                       fingerprint)
 from elo.tools.files import atomic_dir, atomic_file, check_output_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -270,7 +271,8 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: 
 
 
 def save_middle(surrogate: MiddleSurrogate, directory: str | os.PathLike) -> Path:
-    """Write `directory/middle.safetensors` atomically: per gap `{key}.weight` and `{key}.bias`, and the fit
+    """Write `directory/middle.safetensors` atomically: per gap (`key`: the upper layer's 0-based index) `{key}.weight`
+    and `{key}.bias` (linear), or `{key}.blocks.{b}.` + a decoder layer's HF names (distilled); and the fit
     statistics as JSON in the metadata (key `elo_middle`)."""
     tensors = {f"{key}.{name}": t.detach().to("cpu").contiguous()
                for key, m in surrogate.items() for name, t in m.named_buffers()}
@@ -291,5 +293,15 @@ def load_middle(directory: str | os.PathLike, device: str | torch.device = "cpu"
             raise ValueError(f"{path} has no 'elo_middle' metadata; it was not written by elo.save_middle")
         stats = json.loads(meta["elo_middle"])
         keys = [str(hi - 1) for _, hi in stats["gaps"]]
-        maps = {k: FrozenAffine(f.get_tensor(f"{k}.weight"), f.get_tensor(f"{k}.bias")) for k in keys}
+        if stats["kind"] == "linear":
+            maps = {k: FrozenAffine(f.get_tensor(f"{k}.weight"), f.get_tensor(f"{k}.bias")) for k in keys}
+        else:  # distilled: decoder blocks, shaped by the base's config, each with the window of the layer it began as
+            config = ModelConfig.from_hf(stats["config"])
+            maps = {}
+            for k, init in zip(keys, stats["init_layers"]):
+                with torch.device("meta"):
+                    blocks = MiddleBlocks([DecoderLayer(config) for _ in init], [config.window(j - 1) for j in init])
+                prefix = f"{k}."
+                maps[k] = blocks.freeze({name.removeprefix(prefix): f.get_tensor(name) for name in f.keys()
+                                         if name.startswith(prefix)})
     return MiddleSurrogate(maps, stats)
