@@ -46,7 +46,8 @@ SET_BY_PIPELINE = {"model", "data", "out", "resume", "elo", "chat_vector_base", 
 TEXT_KEYS = ("seq_len", "val_tokens", "mix", "text_field", "seed", "cache_dir")
 # the baselines run on ELO's data and on ELO's plus alignment's tokens: they inherit [train] but its ELO-only
 # options, and may not change these
-ELO_ONLY = ("layers", "train_embeddings", "middle", "middle_tokens")
+ELO_ONLY = ("layers", "train_embeddings", "middle", "middle_tokens", "middle_steps", "middle_lr", "in_situ",
+            "fidelity_every")
 BUDGET_KEYS = ("seq_len", "max_steps", "val_tokens", "mix", "text_field", "seed", *ELO_ONLY)
 CHAT_VECTOR_KEYS = {"base": str, "instruct": str, "ratio": float, "embeddings": str}
 EVAL_KEYS = {"models": list, "tasks": list, "data_dir": str, "limit": int, "num_fewshot": int, "batch_tokens": int,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KOBEST = ("kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic")
-FIGURES = ("fig2_alignment.png", "table1_time_vs_nll.png", "fig_frontier.png")
+FIGURES = ("fig2_alignment.png", "table1_time_vs_nll.png", "fig_frontier.png", "fig_fidelity.png")
 SEED_PAIRS = (("full fine-tune (N)", ("table1", "seed1-fft"), "fft"),
               ("ELO (1,30) + align", ("table1", "seed1-elo"), "elo+align"),
               ("ELO (1,30), spliced", ("table1", "seed1-elo"), "elo spliced"),
@@ -323,6 +323,7 @@ def write(results: dict[str, dict], out: Path) -> str:
     claims(p, results)
     headroom(p, results)
     frontier(p, results)
+    fidelity(p, results)
     (out / "RESULTS.md").write_text(p.out.getvalue(), encoding="utf-8")
     return p.out.getvalue()
 
@@ -418,14 +419,17 @@ PLACED = (("ELO (1,30) + align", "table1", "elo+align"), ("ELO (1,30) + align, o
           ("surrogate ELO + align", "surrogate", "elo+align"),
           ("surrogate ELO + align, order 1", "seed1-surrogate", "elo+align"),
           ("alignment alone (control)", "control", "align only"),
-          ("alignment alone, order 1", "seed1-control", "align only"),
-          ("alignment alone, order 2", "seed2-control", "align only"),
+          ("alignment alone (control), order 1", "seed1-control", "align only"),
+          ("alignment alone (control), order 2", "seed2-control", "align only"),
+          ("linear surrogate ELO, lr 6e-5, + align", "e2-linear", "elo+align"),
+          ("distilled ELO, lr 6e-5, + align", "e2-distilled", "elo+align"),
+          ("distilled ELO, lr 6e-5, + align, fit amortized", "e2-distilled", "elo+align without fit"),
           ("oracle lr 2e-4 + align (bound)", "oracle-lr2e-4", "elo+align"),
           ("oracle lr 2e-4 + align, order 1", "oracle-lr2e-4-s1", "elo+align"),
           ("oracle lr 2e-4 + align, order 2", "oracle-lr2e-4-s2", "elo+align"),
           ("LoRA r16 (N)", "table1", "lora"))
 COSTED = {"elo+align": ("train", "align", "middle fit"), "elo spliced": ("train", "middle fit"), "align only": ("align",),
-          "lora": ("lora",)}
+          "lora": ("lora",), "elo+align without fit": ("train", "align")}  # the last: a stand-in fitted once, reused
 
 
 def cost(r: dict | None, label: str) -> float | None:
@@ -502,7 +506,7 @@ def frontier(p: Page, results: dict) -> None:
     rows, below = [], []
     for row, arm, label in PLACED:
         r = results.get(arm)
-        x, y = cost(r, label), nll(r, label, "ko")
+        x, y = cost(r, label), nll(r, label.removesuffix(" without fit"), "ko")
         if x is None or y is None:
             continue
         ref = on_curve(curve, x)
@@ -513,6 +517,21 @@ def frontier(p: Page, results: dict) -> None:
     p("FFT at the same TFLOP: the mean curve above, linear in log FLOPs between the two budgets around the arm. "
       "Figure: `fig_frontier.png`.")
     p()
+    oracle = [nll(results.get(a), "elo+align", "ko") for a in ("oracle-lr2e-4", "oracle-lr2e-4-s1", "oracle-lr2e-4-s2")]
+    oracle = [x for x in oracle if x is not None]
+    plain = cost(results.get("table1"), "elo+align")
+    if oracle and plain is not None and on_curve(curve, plain) is not None:
+        best, ref = sum(oracle) / len(oracle), on_curve(curve, plain)
+        p(f"**The best case for any stand-in of the middle**: one that cost nothing and gave the oracle's gradients "
+          f"would reach the oracle's quality (Korean test NLL {best:.3f}, mean of {len(oracle)} data order(s)) at plain "
+          f"ELO's cost ({plain / 1e12:.2f} TFLOP), where full fine-tuning reaches {ref:.3f}: "
+          + (f"{ref - best:.3f} nats better than full fine-tuning, beyond twice the spread, so a cheap faithful "
+             f"bridge could pay." if best < ref - 2 * noise else
+             f"a difference of {best - ref:+.3f} nats, within twice the spread, so even a free and perfect bridge on "
+             f"layers 1 and 30 would only match full fine-tuning at equal compute here." if best <= ref + 2 * noise
+             else f"{best - ref:+.3f} nats worse, so no bridge on layers 1 and 30, however faithful, can beat full "
+                  f"fine-tuning at equal compute here."))
+        p()
     real = [b for b in below if "oracle" not in b]
     if real:
         p(f"**Verdict: below the frontier:** {', '.join(real)}: at its cost it beats full fine-tuning by more than "
@@ -522,6 +541,41 @@ def frontier(p: Page, results: dict) -> None:
           + (f"Only the oracle ({', '.join(below)}), which is a bound and no method, is." if below else
              "Not even the oracle, the bound for any stand-in of the middle, is.")
           + " Spending the same FLOPs on full fine-tuning of the base is at least as good here.")
+    p()
+
+
+# E2: ELO runs with --fidelity-every, per stand-in of the middle: (row, arm)
+FIDELITY = (("plain submodel", "e2-plain"), ("linear surrogate", "e2-linear"), ("distilled, 2 blocks", "e2-distilled"))
+
+
+def fidelity_points(r: dict | None) -> list[dict]:
+    return (r or {}).get("stages", {}).get("train", {}).get("fidelity", [])
+
+
+def fidelity(p: Page, results: dict) -> None:
+    """Issue 21, E2: the cosine between the submodel's gradient for layers 1 and 30 and the full model's for the
+    same layers (the submodel spliced into the base), along ELO's training."""
+    p("## 11. Gradient fidelity along training (issue 21, E2)")
+    p()
+    p("ELO (1,30) at lr 6e-5 with `--fidelity-every 12`: every 12 steps, on the first validation batch of each "
+      "language, the cosine between the gradient the submodel gives layers 1 and 30 and the gradient the full model "
+      "gives the same layers with the submodel's current weights spliced in (`elo.gradient_fidelity`); 1 would be "
+      "the oracle's. The measurement changes nothing in training.")
+    p()
+    arms = [(row, results.get(arm)) for row, arm in FIDELITY if fidelity_points(results.get(arm))]
+    if not arms:
+        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(arm for _, arm in FIDELITY) + "`.")
+        p()
+        return
+    rows = []
+    for row, r in arms:
+        for point in fidelity_points(r):
+            rows.append([row, str(point["step"]), f(point.get("fidelity/cosine/1")), f(point.get("fidelity/cosine/30")),
+                         f(point.get("fidelity/norm_ratio/1"), 1), f(point.get("fidelity/norm_ratio/30"), 1)])
+    p.table(["middle", "step", "cosine layer 1", "cosine layer 30", "norm ratio layer 1", "norm ratio layer 30"], rows)
+    rows = [[row, f(nll(r, "elo spliced", "ko")), f(nll(r, "elo+align", "ko"))] for row, r in arms]
+    p.table(["middle", "spliced test NLL ko", "+ align test NLL ko"], rows)
+    p("norm ratio: the submodel's gradient norm over the full model's. Figure: `fig_fidelity.png`.")
     p()
 
 
@@ -722,32 +776,49 @@ def figures(results: dict, out: Path) -> list[str]:
         made.append(FIGURES[1])
     curve = fft_curve(results)
     if len(curve) >= 2:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        fig, ax = plt.subplots(figsize=(8.5, 4))
         xs = [c / 1e12 for _, c, _, _ in curve]
         ax.plot(xs, [mean_sd(ko)[0] for _, _, ko, _ in curve], "k-", lw=1, label="full fine-tuning (mean)")
         for (_, c, ko, _) in curve:
             ax.plot([c / 1e12] * len(ko), ko, "k.", ms=4)
-        marks = {"ELO": "o", "surrogate": "s", "alignment": "^", "oracle": "D", "LoRA": "v"}
-        seen = set()
+        marks = {"ELO": "o", "surrogate": "s", "linear": "s", "distilled": "P", "alignment": "^", "oracle": "D",
+                 "LoRA": "v"}
+        colors = {}  # one colour per model, whatever its data order
         for row, arm, label in PLACED:
             r = results.get(arm)
-            x, y = cost(r, label), nll(r, label, "ko")
+            x, y = cost(r, label), nll(r, label.removesuffix(" without fit"), "ko")
             if x is None or y is None:
                 continue
-            kind = next(k for k in marks if row.startswith(k))
-            name = row.split(",")[0] if "order" in row else row
-            ax.plot(x / 1e12, y, marks[kind], label=None if name in seen else name, alpha=0.8)
-            seen.add(name)
+            name = row.rsplit(", order", 1)[0]
+            new = name not in colors
+            colors.setdefault(name, f"C{len(colors)}")
+            ax.plot(x / 1e12, y, next(m for k, m in marks.items() if row.startswith(k)), color=colors[name],
+                    label=name if new else None, alpha=0.8)
         if nll(results.get("base"), "base", "ko") is not None:
             ax.axhline(nll(results["base"], "base", "ko"), color="gray", lw=1, ls=":", label="base")
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs (TFLOP, analytic)")
         ax.set_ylabel("test NLL ko (nats/token)")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         fig.savefig(out / FIGURES[2], dpi=100, metadata={"Software": None})
         plt.close(fig)
         made.append(FIGURES[2])
+    arms = [(row, fidelity_points(results.get(arm))) for row, arm in FIDELITY if fidelity_points(results.get(arm))]
+    if arms:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+        for ax, layer in zip(axes, (1, 30)):
+            for row, points in arms:
+                ax.plot([q["step"] for q in points], [q[f"fidelity/cosine/{layer}"] for q in points], "o-", label=row)
+            ax.axhline(0, color="gray", lw=1)
+            ax.set_title(f"layer {layer}")
+            ax.set_xlabel("ELO step")
+        axes[0].set_ylabel("gradient cosine to the full model's")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / FIGURES[3], dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        made.append(FIGURES[3])
     return made
 
 

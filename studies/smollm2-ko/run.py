@@ -90,6 +90,8 @@ ARMS = [
     Arm("seed2-control", "seed2-control.toml", {"align only": "align/model"}, uses_choice=True),
     *[Arm(f"fft-{p}-s2", f"fft-{p}-s2.toml", {"fft": "train/model"}) for p in FFT_BUDGETS],
     Arm("oracle-lr2e-4-s2", "oracle-lr2e-4-s2.toml", ALIGNED),
+    # E2: the gradient fidelity of both end layers along ELO's training, per stand-in of the middle
+    *[Arm(f"e2-{m}", f"e2-{m}.toml", ALIGNED) for m in ("plain", "linear", "distilled")],
     Arm("ja", "ja.toml", {"elo+align": "align/model", "elo spliced": "align/spliced", "fft": "fft/model"},
         ("elo+align", "fft"), lang="ja", uses_choice=True, timed=True),
 ]
@@ -194,6 +196,10 @@ def stage_numbers(run_dir: Path) -> dict:
         step0 = next((r for r in records if r.get("step") == 0 and "loss" not in r), {})
         stages[name]["step0"] = {k: v for k, v in step0.items() if "val_loss" in k}  # align: base and spliced
         stages[name]["command"] = s["command"]
+        fidelity = [{k: v for k, v in r.items() if k == "step" or k.startswith("fidelity/")} for r in records
+                    if any(k.startswith("fidelity/") for k in r)]
+        if fidelity:  # --fidelity-every: the gradient cosines along training
+            stages[name]["fidelity"] = fidelity
     return stages
 
 
@@ -206,11 +212,29 @@ def arm_cost(arm: Arm) -> dict:
               for s in resources.plan(HERE / "recipes" / arm.recipe).stages}
     if recipe.get("align", {}).get("control"):
         del stages["train"]
-    if recipe["train"].get("middle"):
+    train = recipe["train"]
+    if train.get("middle"):
+        config = resources.load_model_config(recipe["model"])
         full = resources.stage_model("fft", TrainConfig(out="", data={}, layers=LayerChoice.parse("all")),
-                                     resources.load_model_config(recipe["model"])).requires_grad_(False)
-        stages["middle fit"] = {"tokens": recipe["train"].get("middle_tokens", 12000),  # forward passes only
-                                "flops_per_token": train_flops_per_token(full, recipe["train"]["seq_len"])}
+                                     config).requires_grad_(False)
+        forward = train_flops_per_token(full, train["seq_len"])  # the full model's forward pass (the teacher's)
+        if train["middle"] == "linear":  # forward passes over the fitted tokens
+            stages["middle fit"] = {"tokens": train.get("middle_tokens", 12000), "flops_per_token": forward}
+        else:  # distilled:K: each step, the teacher's forward and the student's (K blocks training) forward+backward
+            k = int(train["middle"].partition(":")[2] or 1)
+            layers = [1, *range(2, 2 + k), config.num_hidden_layers]
+            student = resources.stage_model("train", TrainConfig(out="", data={}, layers=LayerChoice.parse(
+                ",".join(map(str, layers)))), config)
+            middle = tuple(f"model.layers.{i}." for i in range(1, 1 + k))
+            for name, p in student.named_parameters():
+                p.requires_grad_(name.startswith(middle))
+            stages["middle fit"] = {"tokens": train.get("middle_steps", 200) * train["batch_size"]
+                                    * train.get("grad_accum", 1) * train["seq_len"],
+                                    "flops_per_token": forward + train_flops_per_token(student, train["seq_len"])}
+            ends = ("model.layers.0.", f"model.layers.{config.num_hidden_layers - 1}.")
+            for name, p in student.named_parameters():  # ELO itself: the end layers train through the frozen blocks
+                p.requires_grad_(name.startswith(ends))
+            stages["train"]["flops_per_token"] = train_flops_per_token(student, train["seq_len"])
     return {"stages": stages, "flops": sum(v["tokens"] * v["flops_per_token"] for v in stages.values())}
 
 
