@@ -37,7 +37,6 @@ class AlignConfig(LoopConfig, TextDataConfig, LoRAOptions):
     lr: float = field(default=2e-5, metadata=option("peak learning rate"))
     train_layers: str | None = field(default=None, metadata=option(
         "train only these 1-based decoder layers (all still compute), e.g. 1,2,29,30; default: the whole model"))
-    cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
     save_spliced: bool = field(default=False, metadata=option("also write the spliced model, before alignment, to "
                                                              "--out/spliced (streamed)"))
     control: bool = field(default=False, metadata=option(
@@ -143,7 +142,6 @@ def align(cfg: AlignConfig) -> Path:
     elo, budget = plan(cfg, distributed.world_size_from_env())
     if prepare(cfg, cfg.base) is None:
         return Path(cfg.out) / "model"
-    distributed.check_cpu_offload(cfg.cpu_offload)  # before the data and the models
     spec = full_spec(cfg.base) if cfg.control else spliced_spec(cfg.base, elo.submodel)
     if cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)

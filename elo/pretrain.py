@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> Path:
         provenance["layer_scores"] = scores
     with run_session(cfg) as d:
         source, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, d)
-        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile)
+        model = materialize(spec, d, cfg.activation_checkpointing, cfg.compile, cfg.cpu_offload)
         extra = attach_fitted_middle(cfg, layers, model, tokenizer, d) if cfg.middle else None
         probe = FidelityProbe(cfg, layers, d) if cfg.fidelity_every else None
         return fit(cfg, model, spec, source, d, cfg.mode, provenance, extra, probe)

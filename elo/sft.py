@@ -44,7 +44,6 @@ class SFTConfig(LoopConfig, LoRAOptions):
         "add the chat vector (instruct - base) first: the pretrained model it comes from"))
     chat_vector_instruct: str | None = field(default=None, metadata=option("... and its instruct model"))
     chat_vector_ratio: float = field(default=1.0, metadata=option("scale of the chat vector"))
-    cpu_offload: bool = field(default=False, metadata=option("FSDP2 CPU offload of parameters, gradients, optimizer"))
     check_sources = True  # not an option: as TextDataConfig.check_sources
 
     def validate(self) -> None:
@@ -76,7 +75,6 @@ def sft(cfg: SFTConfig) -> Path:
     """Run (or resume) SFT; returns the directory of the tuned chat model."""
     if prepare(cfg, cfg.model) is None:
         return Path(cfg.out) / "model"
-    distributed.check_cpu_offload(cfg.cpu_offload)  # before the chat vector and the data
     provenance = {"stage": "sft", "model": cfg.model, "chat_vector": {
         "base": cfg.chat_vector_base, "instruct": cfg.chat_vector_instruct, "ratio": cfg.chat_vector_ratio}
         if cfg.chat_vector_base else None, "data": cfg.data, "mix": cfg.mix, "seed": cfg.seed, "seq_len": cfg.seq_len}

@@ -293,18 +293,20 @@ def test_cuda_rng_state_round_trips_through_a_checkpoint(tiny_llama, tmp_path, m
 def refuse_work(monkeypatch):
     """Loading a model or reading data fails the test: a refusal must come before them."""
     import elo.align
+    import elo.pretrain
     import elo.sft
 
     def refuse(*a, **k):
         raise AssertionError("work started before --cpu-offload was refused")
     for module, name in ((build, "materialize"), (elo.sft, "materialize"), (elo.align, "materialize"),
+                         (elo.pretrain, "materialize"), (elo.pretrain, "load_tokenizer"),
                          (elo.sft, "build_chat_source"), (elo.sft, "add_chat_vector"),
                          (elo.align, "load_tokenizer"), (elo.align, "splice_checkpoint")):
         monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --cpu-offload runs (benchmarks/gpu_check.py)")
-@pytest.mark.parametrize("stage", ["sft", "align"])
+@pytest.mark.parametrize("stage", ["train", "sft", "align"])
 def test_cpu_offload_is_refused_on_cpu_in_one_line_before_any_work(stage, tiny_llama, tmp_path, capsys,
                                                                    refuse_work):
     import elo
@@ -313,7 +315,11 @@ def test_cpu_offload_is_refused_on_cpu_in_one_line_before_any_work(stage, tiny_l
     from elo.tools.cli import run_main
 
     out = tmp_path / "out"
-    if stage == "sft":
+    if stage == "train":
+        main = elo.pretrain.main
+        argv = ["--model", str(tiny_llama[0]), "--data", f"ko={SAMPLE / 'pretrain' / 'ko_wikipedia.jsonl'}",
+                "--max-steps", "1", "--seq-len", "32"]
+    elif stage == "sft":
         main = elo.sft.main
         argv = ["--model", str(tiny_llama[0]), "--data", f"ko={SAMPLE / 'sft' / 'ko_chatbot_data.jsonl'}",
                 "--max-steps", "1", "--seq-len", "32"]

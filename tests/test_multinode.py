@@ -37,6 +37,11 @@ def test_each_node_prints_its_own_torchrun_command():
         "torchrun --standalone --nproc_per_node 2 train.py ")
     one_process = plan(QUICKSTART)
     assert one_process.commands(one_process.stages["train"])["train"][0] == "python"
+    # FSDP2's CPU offload needs a process group even for one process: that stage alone goes under torchrun
+    offload = plan(QUICKSTART, overrides=["align.cpu_offload=true"])
+    assert shlex.join(offload.commands(offload.stages["align"])["align"]).startswith(
+        "torchrun --standalone --nproc_per_node 1 align.py ") and "--cpu-offload" in offload.stages["align"].argv
+    assert offload.commands(offload.stages["train"])["train"][0] == "python"
 
 
 def test_dry_run_shows_this_nodes_commands(tmp_path, capsys):

@@ -4,6 +4,7 @@ errors for bad recipes, and --ppl-heldout scoring exactly the held-out tokens of
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -413,6 +414,12 @@ def test_ppl_heldout_scores_exactly_the_held_out_tokens(finished, tmp_path, monk
         # the last training window ends (exclusive) at num_train * SEQ + 1: no scored token is a training token
         assert corpus.num_train * SEQ + 1 <= split
         assert results["heldout"][lang]["tokens"] == 3 * SEQ
+        # bits per byte: the same NLL over the UTF-8 bytes the scored targets decode to (models with other
+        # tokenizers compare on it)
+        h = results["heldout"][lang]
+        n_bytes = sum(len(tokenizer.decode(w[1:]).encode("utf-8")) for w in expected)
+        assert h["bytes"] == n_bytes and h["bits_per_byte"] == pytest.approx(
+            h["nll_per_token"] * h["tokens"] / math.log(2) / n_bytes, rel=1e-12)
     assert results["heldout_run"] == str(run.resolve())
 
 

@@ -110,10 +110,10 @@ def heldout_plan(run_dir: Path) -> dict:
             "data": config["data"]}
 
 
-def heldout_windows(plan: dict) -> dict[str, np.ndarray]:
+def heldout_windows(plan: dict, tokenizer) -> dict[str, np.ndarray]:
     """Per language, the run's held-out windows [n, seq_len + 1] (input w[:-1], target w[1:]), exactly as its
-    validation read them: the run's token cache (rebuilt with the run's tokenizer if missing), split by elo.data.text.Corpus."""
-    tokenizer = elo.load_tokenizer(plan["tokenizer"])
+    validation read them: the run's token cache (rebuilt with the run's tokenizer if missing), split by
+    elo.data.text.Corpus."""
     out = {}
     for lang, files in sorted(plan["data"].items()):
         tokens, _, _ = tokenize_files(files, tokenizer, plan["cache_dir"], plan["field"])
@@ -122,14 +122,18 @@ def heldout_windows(plan: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def heldout_perplexity(model, windows: np.ndarray, batch_tokens: int, label: str) -> dict[str, float]:
-    """Mean NLL per target token and perplexity over held-out windows (the first token of each is context only)."""
+def heldout_perplexity(model, tokenizer, windows: np.ndarray, batch_tokens: int, label: str) -> dict[str, float]:
+    """Mean NLL per target token, perplexity and bits per byte over held-out windows (the first token of each is
+    context only). Bytes: the UTF-8 length of each window's decoded targets; a character split by a window's edge
+    decodes as one replacement character (3 bytes), so the byte count is off by at most a few bytes per window."""
     seq_len = windows.shape[1] - 1
     requests = [([int(w[0])], w[1:].tolist()) for w in windows]
     nll = -sum(scoring.loglikelihoods(model, requests, batch_tokens, max_length=seq_len, progress=Progress(label)))
     tokens = windows.shape[0] * seq_len
-    return {"windows": windows.shape[0], "seq_len": seq_len, "tokens": tokens, "nll_per_token": nll / tokens,
-            "perplexity": math.exp(nll / tokens)}
+    n_bytes = sum(len(tokenizer.decode(targets).encode("utf-8")) for _, targets in requests)
+    return {"windows": windows.shape[0], "seq_len": seq_len, "tokens": tokens, "bytes": n_bytes,
+            "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens),
+            "bits_per_byte": nll / math.log(2) / n_bytes}
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -287,14 +291,15 @@ def run(args: argparse.Namespace) -> None:
                                      Progress(f"ppl {lang}")) for lang in texts
         }
     if heldout:
-        windows = heldout_windows(heldout)
+        heldout_tokenizer = elo.load_tokenizer(heldout["tokenizer"])
+        windows = heldout_windows(heldout, heldout_tokenizer)
         if max(int(w.max()) for w in windows.values()) >= model.config.vocab_size:
             raise ValueError(f"--ppl-heldout {args.ppl_heldout}: its tokenizer ({heldout['tokenizer']}) has ids beyond "
                              f"the model's vocabulary of {model.config.vocab_size}")
         results["heldout_run"] = str(args.ppl_heldout.resolve())
         results["data_files"] |= source_digests(s for sources in heldout["data"].values() for s in sources)
-        results["heldout"] = {lang: heldout_perplexity(model, w, args.batch_tokens, f"held-out {lang}")
-                              for lang, w in windows.items()}
+        results["heldout"] = {lang: heldout_perplexity(model, heldout_tokenizer, w, args.batch_tokens,
+                                                       f"held-out {lang}") for lang, w in windows.items()}
     if members:
         results["tasks"] = {}
         for name in groups:  # one task (or group) at a time, so that progress is per task

@@ -49,7 +49,7 @@ def results_table(results: dict) -> str:
         for metric in ("nll_per_token", "perplexity", "bits_per_byte"):
             rows.append(f"| ppl {lang} | {metric} | {r[metric]:.4f} | {r['docs']} docs, {r['tokens']} tokens |")
     for lang, r in results.get("heldout", {}).items():
-        for metric in ("nll_per_token", "perplexity"):
+        for metric in [m for m in ("nll_per_token", "perplexity", "bits_per_byte") if m in r]:  # older: no bytes
             rows.append(f"| held-out {lang} | {metric} | {r[metric]:.4f} | {r['windows']} windows, {r['tokens']} "
                         f"tokens |")
     for name, r in results.get("tasks", {}).items():
@@ -79,7 +79,8 @@ def compare_table(paths: list[Path]) -> str:
     langs = list(dict.fromkeys(lang for r in runs for lang in r.get("perplexity", {})))
     heldout = list(dict.fromkeys(lang for r in runs for lang in r.get("heldout", {})))
     columns = [*COLUMNS, *[(f"{lang} bits/byte", "perplexity", lang, "bits_per_byte") for lang in langs],
-               *[(f"{lang} held-out ppl", "heldout", lang, "perplexity") for lang in heldout]]
+               *[(f"{lang} held-out ppl", "heldout", lang, "perplexity") for lang in heldout],
+               *[(f"{lang} held-out bits/byte", "heldout", lang, "bits_per_byte") for lang in heldout]]
     for run in runs:  # the KoBEST average where all five tasks ran
         if all((run.get("tasks", {}).get(t) or {}).get("f1") is not None for t in KOBEST):
             run["tasks"]["kobest_avg"] = {"f1": sum(run["tasks"][t]["f1"] for t in KOBEST) / len(KOBEST)}

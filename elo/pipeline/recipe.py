@@ -102,11 +102,16 @@ class Plan:
         return ["--nnodes", str(self.nnodes), "--nproc_per_node", str(self.nproc), "--node_rank", str(self.node_rank),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", self.rdzv_endpoint]
 
+    def torchrun(self, stage: Stage) -> bool:
+        """Whether a script stage runs under torchrun: several processes, or FSDP2's CPU offload (a process group
+        even for one)."""
+        return self.world_size > 1 or stage.config.cpu_offload
+
     def commands(self, stage: Stage) -> dict[str, list[str]]:
         """The exact shell command of a stage on this node, {stage: command} (evaluation: {model: command}). What
         runs in this process is the function the script's `main(argv)` calls, on the config the command parses to."""
         if stage.name in SCRIPTS:
-            launch = ["python"] if self.world_size == 1 else ["torchrun", *self.launcher()]
+            launch = ["torchrun", *self.launcher()] if self.torchrun(stage) else ["python"]
             return {stage.name: [*launch, os.path.relpath(REPO / SCRIPTS[stage.name]), *stage.argv]}
         if stage.name == "chat_vector":
             c = stage.chat_vector
@@ -345,6 +350,7 @@ def plan(recipe_path: str | os.PathLike, out: str | os.PathLike | None = None, o
                      | train_table)
 
     stages: dict[str, Stage] = {}
+    align_values: dict = {}  # [align]'s options, which the control repeats (align comes first in STAGES)
     for name in present:
         table, stage_out = dict(r[name]), out / name
         if name == "train":

@@ -380,7 +380,7 @@ def plan(recipe: str | os.PathLike, gpu: str = "h100-80gb", mfu: float | None = 
     stages: list[StagePlan] = []
     for name, cfg in configs.items():
         shape = Shape(cfg.batch_size, cfg.seq_len, cfg.grad_accum, p.world_size, cfg.activation_checkpointing,
-                      getattr(cfg, "cpu_offload", False))  # train.py has no --cpu-offload
+                      cfg.cpu_offload)
         steps = cfg.max_steps
         if name in ("align", "control") and steps is None:  # align's own rule: a token budget, by default a ninth of ELO's
             steps = math.ceil(budget_tokens(cfg.tokens, stages[0].tokens) / _tokens_per_step(shape))

@@ -132,7 +132,7 @@ RUN = {"train": train, "fft": train, "lora": train, "align": align, "control": a
 
 def _run_script(p: Plan, stage: Stage, resume: bool) -> None:
     """One process: the stage's function on its config, in this process; several: its script under torchrun."""
-    if p.world_size == 1:
+    if not p.torchrun(stage):
         RUN[stage.name](dataclasses.replace(stage.config, resume=resume))
         return
     argv = stage.argv + (["--resume"] if resume else [])
@@ -196,7 +196,7 @@ def check_stage(p: Plan, stage: Stage, existing: bool = True) -> list[str]:
             notes.append(f"model {model!r} is a hub id: its config and context length are not checked offline")
         if existing and stage.out.exists():
             try:
-                RunDir(stage.out).check(cfg.record(), True, cfg.VOLATILE)
+                RunDir(stage.out).check(cfg.record(), True, cfg.VOLATILE, cfg.defaults())
             except ValueError as e:
                 raise ValueError(f"stage {stage.name} in {stage.out} ran with other arguments ({e}); run it again "
                                  f"with --from {stage.name}") from None

@@ -42,6 +42,8 @@ class LoopConfig:
     eval_batches: int = field(default=8, metadata=option("validation batches per language"))
     activation_checkpointing: bool = field(default=False, metadata=option("recompute layer activations in backward"))
     compile: bool = field(default=False, metadata=option("torch.compile each decoder layer"))
+    cpu_offload: bool = field(default=False, metadata=option(
+        "FSDP2 CPU offload of parameters, gradients and optimizer state (CUDA, under torchrun even for one GPU)"))
     resume: bool = field(default=False, metadata=option("continue from the newest complete checkpoint in --out"))
     peak_flops: float | None = field(default=None, metadata=option(
         "the FLOP/s per process that MFU is measured against (default: a known GPU's bf16 dense peak; on CPU the "
@@ -80,6 +82,10 @@ class LoopConfig:
     def record(self) -> dict:
         """The arguments as written to train_config.json."""
         return dataclasses.asdict(self)
+
+    def defaults(self) -> dict:
+        """Each option's default: what a saved run that predates an option ran with."""
+        return {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
 
 
 def _flag(name: str) -> str:
@@ -169,9 +175,11 @@ def check_context(seq_len: int, model: str) -> None:
 
 
 def prepare(cfg: LoopConfig, model: str) -> RunDir | None:
-    """A stage's checks before any work, in one place: its options (`cfg.validate()`, mixins included), `--out`
-    against this run, and `--seq-len` against the model's context. None when `--resume` finds the run finished."""
+    """A stage's checks before any work, in one place: its options (`cfg.validate()`, mixins included), what this
+    machine must have for them, `--out` against this run, and `--seq-len` against the model's context. None when
+    `--resume` finds the run finished."""
     cfg.validate()
+    distributed.check_cpu_offload(cfg.cpu_offload)  # this machine's CUDA: not in validate, which --plan runs anywhere
     check_not_owned(cfg.out)  # a live run there is named before anything else
     run = check_run_dir(cfg)
     if run is not None:
@@ -198,8 +206,7 @@ def run_session(cfg: LoopConfig) -> Iterator[distributed.Dist]:
 def check_run_dir(cfg: LoopConfig) -> RunDir | None:
     """Check `--out` against this run before any work; None when `--resume` finds the run already finished."""
     run = RunDir(cfg.out)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    run.check(cfg.record(), cfg.resume, cfg.VOLATILE, defaults)
+    run.check(cfg.record(), cfg.resume, cfg.VOLATILE, cfg.defaults())
     if cfg.resume and run.finished:
         print(f"{run.out} holds a finished run (its model is in {run.model}); nothing to do", flush=True)
         return None
