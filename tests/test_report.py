@@ -24,3 +24,14 @@ def test_best_is_bold_with_sample_sizes_and_standard_errors():
 def test_a_difference_beyond_the_noise_is_called_so():
     text = markdown(report({"base": 0.40, "align": 0.70, "sft": 0.42}, n=400))
     assert "kobest_copa: align beats base by 30.0%, more than 2 standard errors" in text
+
+
+def test_reading_compares_elo_with_the_alignment_only_control():
+    r = report({"base": 0.40, "align": 0.45, "sft": 0.42})
+    r["evaluation"]["control"] = {"heldout": {"ko": {"perplexity": 10.8}}, "command": "x",
+                                  "tasks": {"kobest_copa": {"acc": 0.44, "f1": 0.44, "n": 100}}}
+    text = markdown(r)
+    assert ("ELO + alignment vs alignment alone (control), ko held-out ppl: 10.500 vs 10.800, lower with ELO's layers "
+            "(one run each: compare the gap with the spread between data orders)") in text
+    r["evaluation"]["control"]["heldout"]["ko"]["perplexity"] = 10.2
+    assert "10.500 vs 10.200, no lower with ELO's layers" in markdown(r)

@@ -181,6 +181,12 @@ def reading(evaluation: dict, columns: dict[str, dict], best: dict[str, str | No
         else:
             parts.append(f"{column}: best {winner} ({values[winner]:.1%}) but within 2 standard errors of base "
                          f"({base:.1%}, ±{se:.1%}): no model differs from the base beyond noise")
+    for column, values in columns.items():  # the question the control answers: does ELO add to the alignment tokens?
+        elo, alone = values.get("align"), values.get("control")
+        if column.endswith("ppl") and elo is not None and alone is not None:
+            verdict = "lower with ELO's layers" if elo < alone else "no lower with ELO's layers"
+            parts.append(f"ELO + alignment vs alignment alone (control), {column}: {elo:.3f} vs {alone:.3f}, {verdict} "
+                         f"(one run each: compare the gap with the spread between data orders)")
     return "; ".join(parts) + "." if parts else "nothing to compare (fewer than two models scored)."
 
 
