@@ -562,19 +562,25 @@ def fidelity(p: Page, results: dict) -> None:
       "gives the same layers with the submodel's current weights spliced in (`elo.gradient_fidelity`); 1 would be "
       "the oracle's. The measurement changes nothing in training.")
     p()
-    arms = [(row, results.get(arm)) for row, arm in FIDELITY if fidelity_points(results.get(arm))]
+    arms = [(row, arm, results.get(arm)) for row, arm in FIDELITY if fidelity_points(results.get(arm))]
     if not arms:
         p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(arm for _, arm in FIDELITY) + "`.")
         p()
         return
     rows = []
-    for row, r in arms:
+    for row, _, r in arms:
         for point in fidelity_points(r):
             rows.append([row, str(point["step"]), f(point.get("fidelity/cosine/1")), f(point.get("fidelity/cosine/30")),
                          f(point.get("fidelity/norm_ratio/1"), 1), f(point.get("fidelity/norm_ratio/30"), 1)])
     p.table(["middle", "step", "cosine layer 1", "cosine layer 30", "norm ratio layer 1", "norm ratio layer 30"], rows)
-    rows = [[row, f(nll(r, "elo spliced", "ko")), f(nll(r, "elo+align", "ko"))] for row, r in arms]
-    p.table(["middle", "spliced test NLL ko", "+ align test NLL ko"], rows)
+    same = {"e2-plain": "elo-lr6e-5", "e2-linear": "surrogate-lr6e-5"}  # the same runs without the probe
+    rows = []
+    for row, arm, r in arms:
+        twin = results.get(same.get(arm, ""))
+        rows.append([row, f(nll(r, "elo spliced", "ko")), f(nll(r, "elo+align", "ko")),
+                     f"{f(nll(twin, 'elo spliced', 'ko'))} / {f(nll(twin, 'elo+align', 'ko'))}" if twin else "—"])
+    p.table(["middle", "spliced test NLL ko", "+ align test NLL ko", "the same run without the probe (spliced / + align)"],
+            rows)
     p("norm ratio: the submodel's gradient norm over the full model's. Figure: `fig_fidelity.png`.")
     p()
 
