@@ -193,12 +193,12 @@ def test_flops_count_the_surrogate(tiny_llama):
 
 
 @pytest.mark.slow
-def test_default_model_surrogate_is_closer_to_the_full_model():
+def test_default_model_surrogate_is_closer_to_the_full_model(default_model_dir):
     """SmolLM2-135M, layers (1, 30), fitted on 2.5k tokens of Korean Wikipedia: on later Korean text the submodel with
     the surrogate has a lower KL(full || submodel) of the next-token distribution than the plain submodel."""
     from elo.data.text import read_documents, text_windows
 
-    full, tok = elo.load_model(elo.DEFAULT_MODEL), elo.load_tokenizer(elo.DEFAULT_MODEL)
+    full, tok = elo.load_model(default_model_dir), elo.load_tokenizer(default_model_dir)
     docs = read_documents(SAMPLE / "pretrain" / "ko_wikipedia.jsonl")
     fit_texts = [t[:2000] for t in itertools.islice(docs, 6)]
     eval_ids = next(text_windows([t[:2000] for t in itertools.islice(docs, 2)], tok, 256))
