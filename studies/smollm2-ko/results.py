@@ -527,7 +527,7 @@ def frontier(p: Page, results: dict) -> None:
           f"ELO's cost ({plain / 1e12:.2f} TFLOP), where full fine-tuning reaches {ref:.3f}: "
           + (f"{ref - best:.3f} nats better than full fine-tuning, beyond twice the spread, so a cheap faithful "
              f"bridge could pay." if best < ref - 2 * noise else
-             f"a difference of {best - ref:+.3f} nats, within twice the spread, so even a free and perfect bridge on "
+             f"a difference of {delta(best, ref)} nats, within twice the spread, so even a free and perfect bridge on "
              f"layers 1 and 30 would only match full fine-tuning at equal compute here." if best <= ref + 2 * noise
              else f"{best - ref:+.3f} nats worse, so no bridge on layers 1 and 30, however faithful, can beat full "
                   f"fine-tuning at equal compute here."))
