@@ -425,8 +425,8 @@ PLACED = (("ELO (1,30) + align", "table1", "elo+align"), ("ELO (1,30) + align, o
           ("distilled ELO, lr 6e-5, + align", "e2-distilled", "elo+align"),
           ("distilled ELO, lr 6e-5, + align, fit amortized", "e2-distilled", "elo+align without fit"),
           ("oracle lr 2e-4 + align (bound)", "oracle-lr2e-4", "elo+align"),
-          ("oracle lr 2e-4 + align, order 1", "oracle-lr2e-4-s1", "elo+align"),
-          ("oracle lr 2e-4 + align, order 2", "oracle-lr2e-4-s2", "elo+align"),
+          ("oracle lr 2e-4 + align (bound), order 1", "oracle-lr2e-4-s1", "elo+align"),
+          ("oracle lr 2e-4 + align (bound), order 2", "oracle-lr2e-4-s2", "elo+align"),
           ("LoRA r16 (N)", "table1", "lora"))
 COSTED = {"elo+align": ("train", "align", "middle fit"), "elo spliced": ("train", "middle fit"), "align only": ("align",),
           "lora": ("lora",), "elo+align without fit": ("train", "align")}  # the last: a stand-in fitted once, reused
