@@ -38,6 +38,18 @@ def test_detach_equals_manual_pass(tiny):
     assert (sub.lm_head.weight is sub.model.embed_tokens.weight) == (arch == "qwen2")  # ties kept
 
 
+@pytest.mark.parametrize("layers", [[1, 2, 4], [1, 3, 4], [2, 3]])
+def test_detach_of_wider_ends_equals_manual_pass(tiny, layers):
+    """Ends of several layers (as 1,2,29,30 on a 30-layer model) run in order, each with its own layer type."""
+    _, directory, _ = tiny
+    model = elo.load_model(directory)
+    sub = elo.detach(model, layers)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(sub(ids), manual_pass(model, ids, layers), atol=1e-6, rtol=0)
+    assert sub.config.layer_ids == [n - 1 for n in layers]
+
+
 def test_negative_layers_mean_from_the_end(tiny_llama):
     model = elo.load_model(tiny_llama[0])
     assert elo.detach(model, [1, -1]).config.layer_ids == [0, 3]

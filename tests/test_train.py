@@ -422,3 +422,110 @@ def test_peak_flops_sets_what_mfu_is_measured_against(run_env, tmp_path):
         per_token[peak] = [r["mfu"] * float(peak) / r["tokens_per_s"] for r in steps]
     assert per_token["1e15"] == pytest.approx(per_token["4e15"], rel=1e-9)
     assert len(set(round(x, 3) for x in per_token["1e15"])) == 1
+
+
+@pytest.fixture(scope="module")
+def six_layers(run_env, tmp_path_factory) -> Path:
+    """A 6-layer tiny Llama with an untied head and run_env's tokenizer: room for ends of two layers around a gap."""
+    import transformers
+
+    root, _, _ = run_env
+    directory = tmp_path_factory.mktemp("six-layers") / "model"
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(root / "model" / name, directory / name)
+    return directory
+
+
+def on_model(run_env, model: Path, out: Path, *extra) -> list[str]:
+    """args() with another base model."""
+    a = args(run_env, out, *extra)
+    a[a.index("--model") + 1] = str(model)
+    return a
+
+
+def changed_in_submodel(out: Path, base: Path) -> set[str]:
+    """The saved submodel's tensor names (in the base's numbering) that differ from the base's."""
+    sub, reader = CheckpointReader(out / "model"), CheckpointReader(base)
+    config = elo.hf.checkpoint.load_config(out / "model")
+    names = {elo.hf.checkpoint.memory_name(n, config): n for n in sub.keys()}
+    return {mem for mem, disk in names.items() if not torch.equal(sub.get(disk), reader.get(mem))}
+
+
+@pytest.mark.parametrize("middle", [(), ("--middle", "linear", "--middle-tokens", "300"),
+                                    ("--middle", "distilled:1", "--middle-tokens", "128", "--middle-steps", "2")],
+                         ids=["plain", "linear", "distilled"])
+def test_multi_layer_ends_train_and_splice_back(run_env, six_layers, tmp_path, middle):
+    """--layers 1,2,5,6 (the paper's 1,32 widened to two layers per end, as 1,2,29,30 on SmolLM2): a 4-layer
+    submodel, with or without a stand-in for the gap 3-4; only those layers train, and splicing puts each back where
+    it came from while layers 3-4, embedding, norm and head stay the base's."""
+    _, _, env = run_env
+    out = tmp_path / "ends"
+    run([sys.executable, "train.py", *on_model(run_env, six_layers, out, "--layers", "1,2,5,6", "--max-steps", "3",
+                                               *middle)], env)
+    config = elo.hf.checkpoint.load_config(out / "model")
+    assert config.num_hidden_layers == 4 and config.elo["layers"] == [1, 2, 5, 6]
+    trained = {f"model.layers.{i}." for i in (0, 1, 4, 5)}
+    changed = changed_in_submodel(out, six_layers)
+    assert {n[:len("model.layers.0.")] for n in changed} == trained  # every chosen layer moved, nothing else
+    assert (out / "model" / "middle.safetensors").is_file() == bool(middle)
+
+    spliced = CheckpointReader(elo.splice_checkpoint(six_layers, out / "model", tmp_path / "spliced"))
+    sub, base = CheckpointReader(out / "model"), CheckpointReader(six_layers)
+    for disk, layer in enumerate((0, 1, 4, 5)):
+        assert torch.equal(spliced.get(f"model.layers.{layer}.mlp.up_proj.weight"),
+                           sub.get(f"model.layers.{disk}.mlp.up_proj.weight"))
+    for name in base.keys():
+        if not name.startswith(tuple(trained)):
+            assert torch.equal(spliced.get(name), base.get(name)), name
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_train_embeddings_trains_embedding_norm_and_head_and_splices_them(run_env, six_layers, tmp_path, tied):
+    """--train-embeddings: the embedding, final norm and head train beside the layers; a tied head stays tied (one
+    tensor on disk, the same in the spliced model transformers loads)."""
+    import transformers
+
+    root, _, env = run_env
+    base = root / "model" if tied else six_layers
+    out = tmp_path / "emb"
+    run([sys.executable, "train.py", *on_model(run_env, base, out, "--layers", "1,-1", "--train-embeddings",
+                                               "--max-steps", "2")], env)
+    last = elo.hf.checkpoint.load_config(base).num_hidden_layers - 1
+    expected = {"model.embed_tokens.weight", "model.norm.weight", *([] if tied else ["lm_head.weight"])}
+    changed = changed_in_submodel(out, base)
+    assert expected <= changed and {n for n in changed if n not in expected} == {
+        n for n in changed if n.startswith((f"model.layers.0.", f"model.layers.{last}."))}
+    assert ("lm_head.weight" in CheckpointReader(out / "model").keys()) == (not tied)
+
+    spliced_dir = elo.splice_checkpoint(base, out / "model", tmp_path / "spliced")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(spliced_dir)
+    sub = CheckpointReader(out / "model")
+    assert torch.equal(hf.model.embed_tokens.weight, sub.get("model.embed_tokens.weight"))
+    assert torch.equal(hf.model.norm.weight, sub.get("model.norm.weight"))
+    head = sub.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+    assert torch.equal(hf.lm_head.weight, head)
+    assert torch.equal(hf.model.layers[1].mlp.up_proj.weight, CheckpointReader(base).get(
+        "model.layers.1.mlp.up_proj.weight"))  # a middle layer: the base's
+
+
+def test_in_situ_with_embeddings_equals_a_full_step_on_those_parameters(run_env, tmp_path):
+    """--in-situ --train-embeddings: one oracle step gives the layers, embedding and final norm exactly what one full
+    fine-tuning step gives them (clipping off: AdamW updates each parameter from its own gradient); the middle stays."""
+    root, _, env = run_env
+    in_situ, full = tmp_path / "in-situ", tmp_path / "full"
+    common = ("--max-steps", "1", "--warmup-steps", "1", "--grad-clip", "0")
+    run([sys.executable, "train.py", *args(run_env, in_situ, "--layers", "1,4", "--in-situ", "--train-embeddings",
+                                           *common)], env)
+    run([sys.executable, "train.py", *args(run_env, full, "--layers", "all", *common)], env)
+    sub, ft, base = (CheckpointReader(d) for d in (in_situ / "model", full / "model", root / "model"))
+    for name, full_name in (("model.embed_tokens.weight",) * 2, ("model.norm.weight",) * 2,
+                            ("model.layers.1.self_attn.o_proj.weight", "model.layers.3.self_attn.o_proj.weight")):
+        torch.testing.assert_close(sub.get(name), ft.get(full_name), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(sub.get(name), base.get(full_name))
+    spliced = CheckpointReader(elo.splice_checkpoint(root / "model", in_situ / "model", tmp_path / "spliced"))
+    assert torch.equal(spliced.get("model.layers.1.mlp.up_proj.weight"), base.get("model.layers.1.mlp.up_proj.weight"))

@@ -46,6 +46,8 @@ KOBEST = "kobest_boolq,kobest_copa,kobest_hellaswag,kobest_sentineg,kobest_wic"
 KOBEST_LIMIT, MMLU_LIMIT, JCQA_LIMIT = 50, 10, 100  # examples per task (MMLU: per subject, 12 subjects)
 LR_SWEEP = ("elo-lr6e-6", "elo-lr2e-5", "elo-lr6e-5", "elo-lr2e-4")
 FFT_BUDGETS = ("2.5", "5", "10", "25", "50", "100")  # % of N (E3)
+SCALE_TOKENS = ("0.4M", "1.2M", "4M")  # ELO tokens of the token-scaling arms
+ENDS = ("ends-4", "embed", "ends-6")  # (1,2,29,30); (1,30) + --train-embeddings; (1,2,3,28,29,30)
 
 
 @dataclass
@@ -92,6 +94,13 @@ ARMS = [
     Arm("oracle-lr2e-4-s2", "oracle-lr2e-4-s2.toml", ALIGNED),
     # E2: the gradient fidelity of both end layers along ELO's training, per stand-in of the middle
     *[Arm(f"e2-{m}", f"e2-{m}.toml", ALIGNED) for m in ("plain", "linear", "distilled")],
+    # token scaling: the linear-surrogate arm on 0.4M, 1.2M and 4M ELO tokens, alignment fixed
+    *[Arm(f"scale-{t}", f"scale-{t}.toml", ALIGNED) for t in SCALE_TOKENS],
+    # more ends, and the embeddings, each beside its own oracle
+    *[Arm(f"{o}{e}", f"{o}{e}.toml", ALIGNED) for e in ENDS for o in ("", "oracle-")],
+    # E1 again: the oracle's rate chosen on validation (6e-4) at two more data orders, and the next rate up
+    *[Arm(f"oracle-lr6e-4-s{s}", f"oracle-lr6e-4-s{s}.toml", ALIGNED) for s in (1, 2)],
+    Arm("oracle-lr2e-3", "oracle-lr2e-3.toml", ALIGNED),
     Arm("ja", "ja.toml", {"elo+align": "align/model", "elo spliced": "align/spliced", "fft": "fft/model"},
         ("elo+align", "fft"), lang="ja", uses_choice=True, timed=True),
 ]
