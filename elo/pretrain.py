@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 
 from elo.extensions.distill import distill_middle
-from elo.extensions.fidelity import gradient_fidelity
+from elo.extensions.fidelity import compare_gradients, token_pairs
 from elo.extensions.layer_scores import layer_scores
 from elo.extensions.middle import KINDS, fit_middle
 from elo.hf.checkpoint import MIDDLE_NAME, load_middle, load_model, save_middle
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.hf.tokenizer import load_tokenizer
 from elo.model import Transformer, attach_middle
-from elo.surgery import splice
 from elo.tools.cli import option, parse_config
 from elo.train import distributed
 from elo.train.build import ModelSpec, elo_spec, full_spec, in_situ_spec, materialize
@@ -99,8 +98,8 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         "stand-in of the middle, not a method: it costs the full model's forward and backward"))
     fidelity_every: int = field(default=0, metadata=option(
         "ELO: every N steps, log the gradient fidelity of the chosen layers (cosine and norm ratio of the submodel's "
-        "gradient to the full model's, elo.gradient_fidelity) on the validation batches; holds the full model in "
-        "memory and costs its forward and backward per measurement (0: off)"))
+        "gradient to the full model's, elo.gradient_fidelity) on the validation batches; holds the full model "
+        "(sharded as the submodel is) and costs its forward and backward per measurement (0: off)"))
 
     VOLATILE = LoopConfig.VOLATILE | {"fidelity_every"}  # what is measured, not what is trained
 
@@ -188,23 +187,35 @@ def suggest_layers(cfg: TrainConfig, tokenizer) -> dict:
 
 
 class FidelityProbe:
-    """`--fidelity-every N`: elo.gradient_fidelity of the submodel being trained, spliced into a copy of the full base
-    it came from, on the first validation batch of each language (the same batches every time)."""
+    """`--fidelity-every N`: the gradient fidelity (elo.extensions.fidelity) of the submodel being trained against a
+    copy of the full base holding its layers as trained so far, on the first validation windows of each language (the
+    same every time; rank r takes the r-th batch, so every process count measures the same windows). The copy is
+    built and sharded as the submodel is: each process holds its own rows of the full model."""
 
     def __init__(self, cfg: TrainConfig, layers: list[int], d: distributed.Dist):
-        if d.world_size > 1:
-            raise ValueError("--fidelity-every runs the full model beside the submodel in one process; run it with "
-                             "one process (python train.py)")
-        self.every, self.layers, self.batch_size = cfg.fidelity_every, layers, cfg.batch_size
-        self.base = load_model(cfg.model, device=d.device)
+        self.every, self.layers, self.batch_size, self.d = cfg.fidelity_every, layers, cfg.batch_size, d
+        # the oracle's model: the chosen layers (and embeddings) train in it as in the submodel, so both are sharded
+        # alike; checkpointed, so the full model's activations fit beside the training state on a large model
+        self.base = materialize(in_situ_spec(cfg.model, layers, cfg.train_embeddings), d,
+                                activation_checkpointing=True, cpu_offload=cfg.cpu_offload)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
     def measure(self, model: Transformer, source) -> dict[str, float]:
-        splice(self.base, model)  # the base with the layers as trained so far
-        batches = [next(source.val_batches(lang, self.batch_size)) for lang in source.langs]
-        report = gradient_fidelity(self.base, self.layers, batches, middle=model.middle)
+        full = dict(self.base.named_parameters())
+        with torch.no_grad():  # the layers as trained so far: shard into shard (the same rows on both models)
+            for name, p in model.named_parameters():
+                if p.requires_grad:  # the rest is the base's in both
+                    distributed.local(full[name]).copy_(distributed.local(p))
+        batches = []
+        for lang in source.langs:
+            batch = next(itertools.islice(source.val_batches(lang, self.batch_size), self.d.rank, None), None)
+            if batch is None:
+                raise ValueError(f"--fidelity-every: {self.d.world_size} process(es) x --batch-size {self.batch_size} "
+                                 f"need that many held-out windows of {lang!r}; raise --val-tokens")
+            batches.append(batch)
+        report = compare_gradients(self.base, model, token_pairs(batches), self.layers, self.d)
         record = {"fidelity/loss_full": report["loss_full"], "fidelity/loss_submodel": report["loss_submodel"]}
         for layer, r in report["layers"].items():
             record |= {f"fidelity/cosine/{layer}": r["cosine"], f"fidelity/norm_ratio/{layer}": r["norm_ratio"]}

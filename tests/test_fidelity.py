@@ -78,3 +78,32 @@ def test_train_logs_fidelity_at_the_steps_asked_for(run_env, tmp_path):
     for r in measured.values():
         assert -1 <= r["fidelity/cosine/1"] <= 1 and r["fidelity/norm_ratio/4"] > 0
         assert r["fidelity/loss_full"] > 0 and r["fidelity/loss_submodel"] > 0
+
+
+@pytest.mark.parametrize("middle", [(), ("--middle", "linear", "--middle-tokens", "300")], ids=["plain", "linear"])
+def test_two_processes_measure_what_one_process_does(run_env, tmp_path, middle):
+    """--fidelity-every under FSDP2: each process holds its rows of the full model and takes its own validation batch;
+    2 processes x batch 2 log the same fidelity as 1 process x batch 4 (the same windows, the same training)."""
+    import json
+    import sys
+
+    from .test_train import args, run
+
+    _, _, env = run_env
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--layers", "1,4", "--max-steps", "4", "--fidelity-every", "2", *middle)
+    run([sys.executable, "train.py", *args(run_env, one, "--batch-size", "4", *common)], env)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+         *args(run_env, two, "--batch-size", "2", *common)], env)
+
+    def fidelity(out):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("fidelity/")} for r in records
+                if "fidelity/cosine/1" in r}
+
+    a, b = fidelity(one), fidelity(two)
+    assert sorted(a) == sorted(b) == [0, 2, 4]
+    for step in a:
+        assert a[step].keys() == b[step].keys()
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, key)

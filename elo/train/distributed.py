@@ -112,6 +112,11 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return on_device.to(t.device)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: an FSDP2 DTensor's own rows, or the plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def barrier(d: Dist) -> None:
     if d.sharded:
         dist.barrier()
