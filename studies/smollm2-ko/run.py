@@ -222,7 +222,7 @@ def arm_cost(arm: Arm) -> dict:
     if recipe.get("align", {}).get("control"):
         del stages["train"]
     train = recipe["train"]
-    if train.get("middle"):
+    if train.get("middle") and "train" in stages:  # the control's copied ELO run fitted nothing
         config = resources.load_model_config(recipe["model"])
         full = resources.stage_model("fft", TrainConfig(out="", data={}, layers=LayerChoice.parse("all")),
                                      config).requires_grad_(False)
