@@ -324,11 +324,14 @@ def write(results: dict[str, dict], out: Path) -> str:
     headroom(p, results)
     frontier(p, results)
     fidelity(p, results)
+    scaling(p, results)
+    ends(p, results)
+    gpu(p, results)
     (out / "RESULTS.md").write_text(p.out.getvalue(), encoding="utf-8")
     return p.out.getvalue()
 
 
-ORACLES = ("oracle-lr2e-5", "oracle-lr6e-5", "oracle-lr2e-4", "oracle-lr6e-4")
+ORACLES = ("oracle-lr2e-5", "oracle-lr6e-5", "oracle-lr2e-4", "oracle-lr6e-4", "oracle-lr2e-3")
 
 
 def best_oracle(results: dict) -> str | None:
@@ -383,13 +386,15 @@ def headroom(p: Page, results: dict) -> None:
       f"alignment on the base alone (control): {gain:+.3f} nats better"
       + (f"; the control's two data orders differ by {noise[0]:.3f}, the noise level here." if noise else "."))
     p()
-    pairs = [(k, nll(R(o), "elo+align", "ko"), nll(R(c), "align only", "ko"))
-             for k, (o, c) in enumerate((("oracle-lr2e-4", "control"), ("oracle-lr2e-4-s1", "seed1-control"),
-                                         ("oracle-lr2e-4-s2", "seed2-control")))]
-    pairs = [(k, o, c) for k, o, c in pairs if o is not None and c is not None]
-    if len(pairs) > 1:
-        p("The same comparison at lr 2e-4 with other data orders (the oracle's ELO tokens, alignment tokens and the "
-          "control's tokens all follow the order):")
+    for arm in ORACLES:
+        pairs = [(k, nll(R(o), "elo+align", "ko"), nll(R(c), "align only", "ko"))
+                 for k, (o, c) in enumerate(((arm, "control"), (f"{arm}-s1", "seed1-control"),
+                                             (f"{arm}-s2", "seed2-control")))]
+        pairs = [(k, o, c) for k, o, c in pairs if o is not None and c is not None]
+        if len(pairs) < 2:
+            continue
+        p(f"The same comparison at lr {lr_text(R(arm)['lr'])} with other data orders (the oracle's ELO tokens, alignment "
+          f"tokens and the control's tokens all follow the order):")
         p()
         p.table(["data order", "oracle + align, test NLL ko", "control, test NLL ko", "difference"],
                 [[str(k), f(o), f(c), delta(o, c)] for k, o, c in pairs])
@@ -602,6 +607,123 @@ def fidelity(p: Page, results: dict) -> None:
     p()
 
 
+# token scaling: (ELO tokens, arm); the first is section 11's linear-surrogate arm at 0.9 N
+SCALING = (("36,864 (0.9 N)", "surrogate-lr6e-5"), ("0.4M", "scale-0.4M"), ("1.2M", "scale-1.2M"), ("4M", "scale-4M"))
+
+
+def against_fft(curve: list[tuple], flops: float | None) -> str:
+    """The FFT curve's NLL at `flops`, or where the arm lies off the curve."""
+    if flops is None or not curve:
+        return "—"
+    ref = on_curve(curve, flops)
+    if ref is not None:
+        return f(ref)
+    last = curve[-1]
+    return (f"past the curve (FFT on N: {f(mean_sd(last[2])[0])} at {last[1] / 1e12:.1f} TFLOP)" if flops > last[1]
+            else "before the curve")
+
+
+def scaling(p: Page, results: dict) -> None:
+    """Issue 21: does more ELO help? The best real arm on 10x to 100x the ELO tokens, alignment fixed."""
+    R = results.get
+    p("## 12. Token scaling: more ELO tokens (issue 21)")
+    p()
+    p("The linear-surrogate arm (sections 10-11: the best real ELO arm on validation after alignment, and the only "
+      "stand-in whose spliced model improves on the base) at lr 6e-5 on 0.4M, 1.2M and 4M ELO tokens, 10 to 100 times "
+      "0.9 N, with the surrogate fitted once on 12,000 tokens. Alignment is fixed at 8 steps (4,096 tokens) continuing "
+      "each run's stream, as the control's. TFLOP: ELO, the fit and alignment.")
+    p()
+    arms = [(label, R(arm)) for label, arm in SCALING if R(arm)]
+    missing = [arm for _, arm in SCALING if not R(arm)]
+    if len(arms) < 2:
+        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(missing) + "`.")
+        p()
+        return
+    curve, control = fft_curve(results), nll(R("control"), "align only", "ko")
+    rows = [[label, count(r["stages"]["train"]["tokens"]), f(_spliced(r, "ko")),
+             f"{f(nll(r, 'elo spliced', 'ko'))} / {f(nll(r, 'elo spliced', 'en'))}",
+             f"{f(nll(r, 'elo+align', 'ko'))} / {f(nll(r, 'elo+align', 'en'))}",
+             delta(nll(r, "elo+align", "ko"), control), f"{cost(r, 'elo+align') / 1e12:.1f}",
+             against_fft(curve, cost(r, "elo+align"))] for label, r in arms]
+    p.table(["ELO tokens", "read", "spliced val ko", "spliced test NLL ko / en", "+ align test NLL ko / en",
+             "vs control", "TFLOP", "FFT at the same TFLOP"], rows)
+    first, last = arms[0][1], arms[-1][1]
+    gain = nll(first, "elo+align", "ko") - nll(last, "elo+align", "ko")
+    p(f"From {arms[0][0]} to {arms[-1][0]} ELO tokens the aligned Korean test NLL moves by {-gain:+.3f} nats "
+      f"(the spliced model's by {nll(last, 'elo spliced', 'ko') - nll(first, 'elo spliced', 'ko'):+.3f}); "
+      + ("more ELO tokens help beyond twice the data-order spread (0.007)." if gain > 2 * 0.007 else
+         "within twice the data-order spread (0.007): more ELO tokens do not help.")
+      + (f" Not run yet: {', '.join(missing)} (`python studies/smollm2-ko/run.py {' '.join(missing)}`, resumable)."
+         if missing else ""))
+    p()
+
+
+# more ends, each beside its own oracle: (chosen layers, ELO arm at lr 6e-5, oracle arm at lr 2e-4)
+ENDS = (("1, 30", "elo-lr6e-5", "oracle-lr2e-4"), ("1, 2, 29, 30", "ends-4", "oracle-ends-4"),
+        ("1, 2, 3, 28, 29, 30", "ends-6", "oracle-ends-6"), ("1, 30 + embedding, norm, head", "embed", "oracle-embed"))
+
+
+def ends(p: Page, results: dict) -> None:
+    """Issue 21: wider ends and the embeddings, each with the plain submodel and with its oracle."""
+    R = results.get
+    p("## 13. More ends, and the embeddings (issue 21)")
+    p()
+    p("ELO with two or three layers at each end (`--layers 1,2,29,30`, `1,2,3,28,29,30`) and with the embedding, "
+      "final norm and head training too (`--train-embeddings`), each on the plain submodel at lr 6e-5 (as section "
+      "11's plain arm) and as its oracle (`--in-situ`, lr 2e-4, as section 9's replicated rate), then the same "
+      "alignment. More layers in the submodel give the ends more of the middle's work to share, and the oracle says "
+      "what the same parameters could gain with exact gradients.")
+    p()
+    rows = []
+    control = nll(R("control"), "align only", "ko")
+    for layers, elo_arm, oracle_arm in ENDS:
+        e, o = R(elo_arm), R(oracle_arm)
+        if e is None and o is None:
+            continue
+        rows.append([layers, f(nll(e, "elo spliced", "ko")), f(nll(e, "elo+align", "ko")),
+                     delta(nll(e, "elo+align", "ko"), control) if e else "—",
+                     f"{cost(e, 'elo+align') / 1e12:.1f}" if e else "—", against_fft(fft_curve(results), cost(e, "elo+align")),
+                     f(nll(o, "elo+align", "ko")), delta(nll(o, "elo+align", "ko"), control) if o else "—"])
+    missing = [a for _, e, o in ENDS for a in (e, o) if not R(a)]
+    if len(rows) < 2:
+        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(missing) + "`.")
+        p()
+        return
+    p.table(["layers", "ELO spliced test NLL ko", "ELO + align", "vs control", "TFLOP", "FFT at the same TFLOP",
+             "oracle + align", "vs control"], rows)
+    p(f"The control (alignment alone) is at {f(control)}; differences within 0.014 (twice the data-order spread) "
+      f"are noise."
+      + (f" Not run yet: {', '.join(missing)} (`python studies/smollm2-ko/run.py {' '.join(missing)}`)." if missing
+         else ""))
+    p()
+
+
+def gpu(p: Page, results: dict) -> None:
+    """Issue 21: the frontier and the best ELO arm at GPU scale (gpu.py), when a GPU has run them."""
+    R = results.get
+    p("## 14. The GPU variant (issue 21)")
+    p()
+    p("`python studies/smollm2-ko/gpu.py` (recipes `recipes/gpu-*.toml`): full fine-tuning from the base at 2.5% to "
+      "50% of N = 44.5M tokens and linear-surrogate ELO (1,30) on 40M tokens + alignment on 4.46M, with the control, "
+      "at 64 x 512 tokens per step, one data order; `gpu.py --plan` estimates under 8 minutes on one H100 at MFU 25%.")
+    p()
+    budgets = ("2.5", "5", "10", "25", "50")
+    curve = [(float(b), cost(R(f"gpu-fft-{b}"), "fft"), [nll(R(f"gpu-fft-{b}"), "fft", "ko")],
+              [nll(R(f"gpu-fft-{b}"), "fft", "en")]) for b in budgets if nll(R(f"gpu-fft-{b}"), "fft", "ko")]
+    if not curve:
+        p("Not run: no GPU has been lent to this project's sessions yet.")
+        p()
+        return
+    rows = [[f"FFT {pct:g}% of N", f"{c / 1e12:.0f}", f(ko[0]), "—"] for pct, c, ko, _ in curve]
+    for row, arm, label in (("ELO + align", "gpu-elo", "elo+align"), ("ELO, spliced", "gpu-elo", "elo spliced"),
+                            ("control (alignment alone)", "gpu-control", "align only")):
+        if nll(R(arm), label, "ko") is not None:
+            rows.append([row, f"{cost(R(arm), label) / 1e12:.0f}", f(nll(R(arm), label, "ko")),
+                         against_fft(curve, cost(R(arm), label))])
+    p.table(["model", "TFLOP", "test NLL ko", "FFT at the same TFLOP"], rows)
+    p()
+
+
 def summary(p: Page, results: dict) -> None:
     """The findings in a few sentences, every number read from the results (parts not run yet are left out)."""
     R = results.get
@@ -644,14 +766,18 @@ def summary(p: Page, results: dict) -> None:
     curve = fft_curve(results)
     elo_cost = cost(R("table1"), "elo+align")
     if len(curve) >= 2 and elo_cost is not None and on_curve(curve, elo_cost) is not None:
-        oracle = nll(R(best_oracle(results)), "elo+align", "ko")
+        chosen = best_oracle(results)
+        orders = [x for x in (ko(a, "elo+align") for a in (chosen, f"{chosen}-s1", f"{chosen}-s2")) if x is not None]
+        oracle = sum(orders) / len(orders)
+        edge = ", at the edge of the oracle's learning-rate sweep" if R(chosen)["lr"] == max(
+            R(n)["lr"] for n in ORACLES if R(n)) else ""
         p(f"- **At equal compute, full fine-tuning of the base beats every ELO variant built here (sections 10, 11).** "
           f"For ELO + alignment's training FLOPs ({elo_cost / 1e12:.1f} TFLOP) full fine-tuning reaches "
           f"{on_curve(curve, elo_cost):.3f} against ELO's {e:.3f}, and no stand-in for the middle (linear, distilled) "
           f"gives layer 30 a gradient like the full model's. ELO's oracle, the bound for any stand-in, reaches "
           f"{f(oracle)} after alignment: a stand-in as faithful as the full model and nearly free would beat full "
-          f"fine-tuning at ELO's cost by {on_curve(curve, elo_cost) - oracle:.3f} (one data order, at the edge of the "
-          f"oracle's learning-rate sweep), so the headroom is real, but no bridge here reaches it.")
+          f"fine-tuning at ELO's cost by {on_curve(curve, elo_cost) - oracle:.3f} ({len(orders)} data order"
+          f"{'s' if len(orders) > 1 else ''}{edge}), so the headroom is real, but no bridge here reaches it.")
     p("- One seed per arm (two for the headline comparison), N = 40,960 tokens, a 135M model: the paper's claims are "
       "about 7-8B models and 10 GB of text. What holds at 135M need not hold there, and the reverse.")
     p()
