@@ -65,16 +65,28 @@ class LayerChoice:
         return self.text
 
 
-def parse_middle(text: str) -> tuple[str, int]:
-    """`--middle`: 'linear' -> ("linear", 0); 'distilled' or 'distilled:K' -> ("distilled", K), K decoder blocks per gap
-    (default 1)."""
-    kind, _, k = text.partition(":")
-    if kind == "linear" and not k:
-        return kind, 0
-    if kind == "distilled" and (not k or (k.isdigit() and int(k) >= 1)):
-        return kind, int(k or 1)
-    raise ValueError(f"--middle {text!r}: expected {' or '.join(map(repr, KINDS))}, or distilled:K with K a positive "
-                     f"integer (decoder blocks per gap)")
+@dataclass(frozen=True)
+class MiddleChoice:
+    """`--middle`, parsed once: 'linear' (a fitted map per gap) or 'distilled[:K]' (K decoder blocks per gap, default
+    1). `text` is what was asked for: the run's identity in train_config.json."""
+    text: str
+    kind: str
+    blocks: int = 0  # distilled: decoder blocks per gap
+
+    @classmethod
+    def parse(cls, text: str | MiddleChoice | None) -> MiddleChoice | None:
+        if text is None or isinstance(text, MiddleChoice):
+            return text
+        kind, _, k = text.strip().partition(":")
+        if kind == "linear" and not k:
+            return cls(text.strip(), kind)
+        if kind == "distilled" and (not k or (k.isdigit() and int(k) >= 1)):
+            return cls(text.strip(), kind, int(k or 1))
+        raise ValueError(f"--middle {text!r}: expected {' or '.join(map(repr, KINDS))}, or distilled:K with K a "
+                         f"positive integer (decoder blocks per gap)")
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(kw_only=True)
@@ -84,10 +96,11 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         "1-based decoder layers to detach and train (ELO), e.g. 1,32; 'all': full fine-tuning; 'auto:K': the K layers "
         "elo.layer_scores suggests", parse=LayerChoice.parse))
     train_embeddings: bool = field(default=False, metadata=option("ELO: also train embedding, final norm and head"))
-    middle: str | None = field(default=None, metadata=option(
+    middle: MiddleChoice | None = field(default=None, metadata=option(
         "ELO: put a frozen fitted surrogate of the skipped middle layers between the chosen ones, so the upper layer "
         "trains on inputs like those it sees in the full model: 'linear' (a ridge map per gap) or 'distilled[:K]' (K "
-        "decoder blocks per gap, default 1, started from the skipped layers and distilled from the full model)"))
+        "decoder blocks per gap, default 1, started from the skipped layers and distilled from the full model)",
+        parse=MiddleChoice.parse))
     middle_tokens: int = field(default=12000, metadata=option("tokens of the training mix the surrogate is fitted on"))
     middle_steps: int = field(default=200, metadata=option(
         "--middle distilled: AdamW steps of one batch each over the --middle-tokens (several passes if need be)"))
@@ -114,9 +127,7 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
         self.validate_data(self.seq_len)
         self.model = normalize_model(self.model)
         self.validate_lora()
-        if self.middle is not None:
-            parse_middle(self.middle)
-            if self.mode != "elo":
+        if self.middle is not None and self.mode != "elo":
                 raise ValueError("--middle stands in for the layers ELO skips; it needs ELO mode (--layers 1,32)")
         if self.in_situ and (self.mode != "elo" or self.middle or self.fidelity_every):
             raise ValueError("--in-situ trains ELO's layers inside the full model: it needs ELO mode (--layers 1,32) "
@@ -133,7 +144,7 @@ class TrainConfig(LoopConfig, TextDataConfig, LoRAOptions):
             raise ValueError(f"--lora-rank trains adapters on every layer; drop --layers {self.layers} or use 'all'")
 
     def record(self) -> dict:
-        return super().record() | {"layers": self.layers.text}
+        return super().record() | {"layers": self.layers.text, "middle": self.middle and self.middle.text}
 
     def model_spec(self, layers: tuple[int, ...] | None = None) -> ModelSpec:
         """The model part: cheap to build (reads the config and two small tensors), so errors come early. `layers`:
@@ -161,7 +172,7 @@ def train(cfg: TrainConfig) -> Path:
     provenance = {"stage": "pretrain", "mode": "in-situ" if cfg.in_situ else cfg.mode, "model": cfg.model,
                   "layers": ",".join(map(str, layers)) if scores else cfg.layers.text, "data": cfg.data,
                   "seed": cfg.seed, "seq_len": cfg.seq_len, "mix": cfg.mix, "val_tokens": cfg.val_tokens,
-                  "middle": cfg.middle}
+                  "middle": cfg.middle and cfg.middle.text}
     if scores:
         provenance["layer_scores"] = scores
     with run_session(cfg) as d:
@@ -229,9 +240,9 @@ def check_middle(cfg: TrainConfig, spec: ModelSpec) -> None:
     if not skipped:
         raise ValueError(f"--middle needs at least two chosen layers with layers between them; --layers {cfg.layers} "
                          f"leaves no gap to stand in for")
-    kind, blocks = parse_middle(cfg.middle)
+    kind, blocks = cfg.middle.kind, cfg.middle.blocks
     if kind == "distilled" and blocks > min(skipped):
-        raise ValueError(f"--middle {cfg.middle!r}: {blocks} blocks per gap, but a gap between layers "
+        raise ValueError(f"--middle {cfg.middle.text!r}: {blocks} blocks per gap, but a gap between layers "
                          f"{[i + 1 for i in ids]} skips only {min(skipped)}; expected K from 1 to {min(skipped)}")
     if kind == "linear" and cfg.middle_tokens < spec.config.hidden_size + 1:
         raise ValueError(f"--middle-tokens {cfg.middle_tokens}: too few to fit a {spec.config.hidden_size}-wide map; "
@@ -245,7 +256,7 @@ def attach_fitted_middle(cfg: TrainConfig, layers: list[int], model, tokenizer, 
     if d.main and not (directory / MIDDLE_NAME).is_file():
         stream, _ = cfg.build_source(tokenizer, cfg.seq_len, cfg.seed, distributed.Dist(0, 1, torch.device("cpu")))
         batches = (stream.next_batch(cfg.batch_size) for _ in itertools.count())
-        kind, blocks = parse_middle(cfg.middle)
+        kind, blocks = cfg.middle.kind, cfg.middle.blocks
         if kind == "linear":
             surrogate = fit_middle(cfg.model, layers, batches, tokens=cfg.middle_tokens, device=d.device)
         else:

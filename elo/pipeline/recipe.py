@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a backport (setu
 from elo.align import AlignConfig, budget_tokens
 from elo.data.sources import parse_source
 from elo.hf.default_model import DEFAULT_MODEL
-from elo.pretrain import LayerChoice, TrainConfig
+from elo.pretrain import LayerChoice, MiddleChoice, TrainConfig
 from elo.sft import SFTConfig
 from elo.tools.cli import base_type, build_config, to_argv
 from elo.tools.files import MARKER
@@ -138,9 +138,9 @@ def _check_type(key: str, value, expected) -> None:
 
 
 def _fields(cls) -> dict[str, type]:
-    """Each option's type as a recipe writes it (--layers is written as a string and parsed by the stage)."""
+    """Each option's type as a recipe writes it (--layers and --middle are written as strings, parsed by the config)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: str if base_type(hints[f.name]) is LayerChoice else base_type(hints[f.name])
+    return {f.name: str if base_type(hints[f.name]) in (LayerChoice, MiddleChoice) else base_type(hints[f.name])
             for f in dataclasses.fields(cls) if f.init}
 
 

@@ -602,6 +602,19 @@ def fidelity(p: Page, results: dict) -> None:
       f"{max(nll(r, 'elo+align', 'ko') for _, _, r in arms) - min(nll(r, 'elo+align', 'ko') for _, _, r in arms):.3f} "
       f"nats of the others; the control (alignment alone) is at {f(nll(results.get('control'), 'align only', 'ko'))}.")
     p()
+    base = nll(results.get("base"), "base", "ko")
+    spliced = {row: nll(r, "elo spliced", "ko") for row, _, r in arms}
+    if base is not None and len(arms) > 2:
+        by_gain = sorted(spliced, key=spliced.get)
+        tracks = {layer: sorted(means, key=lambda m: -means[m][layer]) == by_gain for layer in (1, 30)}
+        p("Does the spliced gain track the running cosine? Spliced Korean test NLL minus the base's ("
+          + f"{base:.3f}): " + ", ".join(f"{row} {spliced[row] - base:+.3f}" for row in by_gain) + ". "
+          + ("The order of the arms by spliced gain is their order by mean cosine of "
+             + " and ".join(f"layer {k}" for k, v in tracks.items() if v) + "."
+             if any(tracks.values()) else
+             "It does not: ordering the arms by either layer's mean cosine does not give their order by spliced "
+             "gain, so the cosine measured here does not predict what ELO leaves in the full model."))
+        p()
     p("Each cosine is one measurement on two batches (one per language); `results/e2-*.json` also hold the norm "
       "ratios (the submodel's gradient norm over the full model's). Figure: `fig_fidelity.png`.")
     p()

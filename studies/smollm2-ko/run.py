@@ -36,7 +36,7 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 from elo.pipeline import resources  # noqa: E402
-from elo.pretrain import LayerChoice, TrainConfig  # noqa: E402
+from elo.pretrain import LayerChoice, MiddleChoice, TrainConfig  # noqa: E402
 from elo.tools.files import atomic_write_text  # noqa: E402
 from elo.train.flops import train_flops_per_token  # noqa: E402
 from elo.tools.jsonl import read_jsonl  # noqa: E402
@@ -230,7 +230,7 @@ def arm_cost(arm: Arm) -> dict:
         if train["middle"] == "linear":  # forward passes over the fitted tokens
             stages["middle fit"] = {"tokens": train.get("middle_tokens", 12000), "flops_per_token": forward}
         else:  # distilled:K: each step, the teacher's forward and the student's (K blocks training) forward+backward
-            k = int(train["middle"].partition(":")[2] or 1)
+            k = MiddleChoice.parse(train["middle"]).blocks
             layers = [1, *range(2, 2 + k), config.num_hidden_layers]
             student = resources.stage_model("train", TrainConfig(out="", data={}, layers=LayerChoice.parse(
                 ",".join(map(str, layers)))), config)
