@@ -28,9 +28,14 @@ import elo
 from elo.config import ModelConfig
 from elo.pipeline import resources
 from elo.pipeline import run as pipeline
-from elo.pretrain import LayerChoice, TrainConfig
+from elo.extensions.distill import distill_middle
+from elo.extensions.middle import fit_middle
+from elo.extensions.fidelity import compare_gradients
+from elo.model import attach_middle
+from elo.pretrain import LayerChoice, MiddleChoice, TrainConfig
 from elo.train import distributed
-from elo.train.build import materialize
+from elo.train.build import in_situ_spec, materialize
+from elo.train.flops import train_flops_per_token
 from elo.train.loop import make_optimizer
 from tests.conftest import DATA
 
@@ -46,15 +51,26 @@ TOLERANCE = 0.20  # activations and peak, relative to the measured
 CASES = {"elo": dict(layers="1,4"), "elo, grad_accum 2": dict(layers="1,4", grad_accum=2),
          "lora": dict(layers="all", lora_rank=8),
          "full, checkpointing": dict(layers="all", activation_checkpointing=True),
-         "full, grad_accum 2": dict(layers="all", grad_accum=2)}
-ONE_PROCESS = ["elo, grad_accum 2", "lora", "full, checkpointing"]
+         "full, grad_accum 2": dict(layers="all", grad_accum=2),
+         "elo, linear middle": dict(layers="1,4", middle="linear"),
+         "elo, distilled middle": dict(layers="1,4", middle="distilled:2")}
+ONE_PROCESS = ["elo, grad_accum 2", "lora", "full, checkpointing", "elo, linear middle", "elo, distilled middle"]
 TWO_PROCESSES = ["elo", "full, grad_accum 2"]
 
 
 def stage_config(checkpoint: Path, case: str) -> TrainConfig:
     options = dict(CASES[case])
+    middle = MiddleChoice.parse(options.pop("middle", None))
     return TrainConfig(out="unused", model=str(checkpoint), layers=LayerChoice.parse(options.pop("layers")),
-                       batch_size=BATCH, seq_len=SEQ, **options)
+                       batch_size=BATCH, seq_len=SEQ, middle=middle, **options)
+
+
+def stand_in(checkpoint: Path, cfg: TrainConfig):
+    """The run's --middle stand-in for layers 1,4, as train.py builds it (the distilled blocks at their start)."""
+    ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    if cfg.middle.kind == "linear":
+        return fit_middle(str(checkpoint), "1,4", [ids] * 4, tokens=3 * BATCH * SEQ)
+    return distill_middle(str(checkpoint), "1,4", [ids] * 2, tokens=BATCH * SEQ, blocks=cfg.middle.blocks, steps=0)
 
 
 class Tracker(MemTracker):
@@ -75,6 +91,8 @@ def measure(checkpoint: Path, case: str, d: distributed.Dist) -> dict[str, int]:
     """One training step as elo's loop takes it (micro-batches, FSDP2 gradient sync on the last one only), measured."""
     cfg = stage_config(checkpoint, case)
     model = materialize(cfg.model_spec(), d, cfg.activation_checkpointing)
+    if cfg.middle is not None:
+        attach_middle(model, stand_in(checkpoint, cfg))
     optimizer = make_optimizer(model, cfg, d.device)
     ids = torch.randint(0, model.config.vocab_size, (cfg.grad_accum, BATCH, SEQ + 1),
                         generator=torch.Generator().manual_seed(d.rank))
@@ -178,6 +196,50 @@ def test_paper_recipe_plans_offline_beside_the_papers_hours(tmp_path, monkeypatc
         elo.plan(REPO / "recipes" / "llama3.1-8b-ko.toml", "h100")
     pipeline.main([str(REPO / "recipes" / "llama3.1-8b-ko.toml"), "--plan", "--gpu", "24GB"])
     assert "GPU 24GB: 24 GiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["elo, linear middle", "elo, distilled middle"])
+def test_the_stand_in_is_planned_at_the_runs_flops_and_bytes(checkpoint, case):
+    """--middle: the plan's meta stand-in costs what the run's fitted one costs: the same FLOPs per token (the run's
+    own count, which MFU uses) and the same fp32 bytes."""
+    cfg = stage_config(checkpoint, case)
+    built = attach_middle(materialize(cfg.model_spec(), distributed.Dist(0, 1, torch.device("cpu"))),
+                          stand_in(checkpoint, cfg))
+    config = ModelConfig.from_file(checkpoint / "config.json")
+    model = resources.stage_model("train", cfg, config)
+    assert train_flops_per_token(model, SEQ) == train_flops_per_token(built, SEQ) > train_flops_per_token(
+        resources.stage_model("train", dataclasses.replace(cfg, middle=None), config), SEQ)
+    assert planned(checkpoint, case, 1).stand_in == 4 * sum(b.numel() for b in built.middle.buffers())
+
+
+def test_the_fidelity_probe_is_planned_as_it_measures(checkpoint):
+    """--fidelity-every: the full model the probe keeps (the oracle's spec, checkpointed) and one measurement on a
+    batch per language, under PyTorch's accounting, beside the trained submodel and its optimizer state."""
+    d = distributed.Dist(0, 1, torch.device("cpu"))
+    cfg = stage_config(checkpoint, "elo")
+    model = materialize(cfg.model_spec(), d)
+    optimizer = make_optimizer(model, cfg, d.device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    probe = materialize(in_situ_spec(str(checkpoint), "1,4"), d, activation_checkpointing=True)
+    # one batch (the probe takes one per language, one after the other, so its peak is one batch's; MemTracker
+    # follows one forward per module)
+    ids = torch.randint(0, 49152, (1, BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    tracker = Tracker()
+    tracker.track_external(model, optimizer, probe)
+    with tracker:
+        compare_gradients(probe, model, [(b[:, :-1], b[:, 1:]) for b in ids], [1, 4], d)
+    measured = tracker.get_tracker_snapshot("peak")[d.device]["Total"]
+
+    config, n = ModelConfig.from_file(checkpoint / "config.json"), resources.numerics("cpu", 1)
+    shape = resources.Shape(BATCH, SEQ, 1, 1, False)
+    m = resources.memory(resources.stage_model("train", cfg, config), shape, n)
+    p = resources.memory(resources.stage_model("train", dataclasses.replace(cfg, in_situ=True), config),
+                         dataclasses.replace(shape, activation_checkpointing=True), n)
+    plan = resources.measuring_peak(m, p, cpu_offload=False)
+    assert abs(plan / measured - 1) <= TOLERANCE, f"planned {plan:,} vs measured {measured:,} ({plan / measured:.3f}x)"
 
 
 def test_the_oracle_is_planned_as_the_full_model_with_elos_layers_training(checkpoint):

@@ -41,10 +41,10 @@ from elo.config import ModelConfig
 from elo.hf.default_model import DEFAULT_MODEL
 from elo.hf.hub import resolve
 from elo.loss import CHUNK_ROWS
-from elo.model import Transformer
+from elo.model import DecoderLayer, FrozenAffine, MiddleBlocks, MiddleSurrogate, Transformer
 from elo.pipeline.recipe import SCRIPTS, Plan
 from elo.pipeline.recipe import plan as plan_recipe
-from elo.pretrain import LayerChoice
+from elo.pretrain import LayerChoice, MiddleChoice
 from elo.surgery import parse_layers, submodel_config
 from elo.train.build import ModelSpec, elo_trainable, in_situ_trainable, meta_model, train_only_layers
 from elo.train.flops import train_flops_per_token
@@ -127,6 +127,8 @@ class Memory:
     activations_checkpointed: int  # ... with it
     peak: int
     offloaded: int  # parameters, gradients and optimizer state in CPU memory instead (cpu_offload)
+    stand_in: int = 0  # --middle's frozen stand-in: fp32 buffers, whole on every process
+    probe: int = 0  # --fidelity-every: the full model it keeps (this rank's shard), and at its peak what it measures with
 
 
 def _trains(module: nn.Module) -> bool:
@@ -173,7 +175,11 @@ def activations(model: Transformer, shape: Shape, n: Numerics, checkpointing: bo
     h = c.hidden_size
     grad_in = model.model.embed_tokens.weight.requires_grad
     total = 2 * shape.seq_len * c.head_dim * n.residual  # RoPE cos and sin, shared by every row and layer
-    for layer in model.model.layers.values():
+    middle = model.middle if model.middle is not None else {}
+    for key, layer in model.model.layers.items():
+        stand_in = middle[key] if key in middle else None
+        if grad_in and isinstance(stand_in, MiddleBlocks):  # frozen blocks that backward runs through, as layers
+            total += sum(_layer_activations(block, model, tokens, True, n) for block in stand_in.blocks)
         if grad_in or _trains(layer):
             total += (n.residual * h * tokens if checkpointing  # the layer's input, to recompute it from
                       else _layer_activations(layer, model, tokens, grad_in, n))
@@ -240,7 +246,9 @@ def memory(model: Transformer, shape: Shape, n: Numerics) -> Memory:
     saved = checkpointed if shape.activation_checkpointing else plain
 
     offloaded = parameters + gradients + optimizer if shape.cpu_offload else 0
-    resident = 0 if shape.cpu_offload else parameters + optimizer
+    # --middle's frozen stand-in: fp32 buffers, whole on every process (the fit's dtype; not sharded)
+    stand_in = 4 * sum(b.numel() for b in model.middle.buffers()) if model.middle is not None else 0
+    resident = stand_in + (0 if shape.cpu_offload else parameters + optimizer)
     head = model.lm_head.weight
     recompute = max(_layer_activations(layer, model, shape.tokens, True, n)
                     for layer in model.model.layers.values()) if shape.activation_checkpointing else 0
@@ -258,7 +266,7 @@ def memory(model: Transformer, shape: Shape, n: Numerics) -> Memory:
         resident + (0 if shape.cpu_offload else gradients + optimizer_temporary),  # optimizer step
     )
     return Memory(parameters, gradients, optimizer, accumulated, gathered, saved, plain, checkpointed,
-                  max(moments), offloaded)
+                  max(moments), offloaded, stand_in)
 
 
 def stage_model(name: str, cfg, config: ModelConfig) -> Transformer:
@@ -274,9 +282,26 @@ def stage_model(name: str, cfg, config: ModelConfig) -> Transformer:
             spec = ModelSpec(config, {}, "", trainable=in_situ_trainable(ids, cfg.train_embeddings))
         else:
             spec = ModelSpec(submodel_config(config, ids), {}, "", trainable=elo_trainable(cfg.train_embeddings))
+            if name == "train" and cfg.middle is not None:
+                model = meta_model(spec)
+                model.middle = meta_stand_in(config, ids, cfg.middle)
+                return model
     if name in ("align", "control") and cfg.train_layers:
         spec = train_only_layers(spec, cfg.train_layers)
     return meta_model(cfg.with_lora(spec, cfg.seed))
+
+
+def meta_stand_in(config: ModelConfig, ids: list[int], middle: MiddleChoice) -> MiddleSurrogate:
+    """--middle's frozen stand-in for each gap between the chosen layers (0-based `ids`), on the meta device: what it
+    costs (elo.extensions.middle's d x d map, or distill's K decoder blocks), not what it holds."""
+    h, maps = config.hidden_size, {}
+    with torch.device("meta"):
+        for lo, hi in zip(ids, ids[1:]):
+            if hi == lo + 1:
+                continue
+            maps[str(hi)] = FrozenAffine(torch.empty(h, h), torch.empty(h)) if middle.kind == "linear" else \
+                MiddleBlocks([DecoderLayer(config) for _ in range(middle.blocks)], [None] * middle.blocks).freeze()
+    return MiddleSurrogate(maps, {})
 
 
 def load_model_config(model: str) -> ModelConfig:
@@ -301,28 +326,51 @@ class StagePlan:
     flops_per_token: float
     memory: Memory  # per GPU at the recipe's world size
     fewest_gpus: int | None  # the smallest of WORLD_SIZES whose peak fits the GPU; None: none does
+    probe: Transformer | None = None  # --fidelity-every's full model, on the meta device
+    probe_flops: float = 0.0  # what its measurements cost over the stage
 
     @property
     def flops(self) -> float | None:
-        return None if self.tokens is None else self.flops_per_token * self.tokens
+        return None if self.tokens is None else self.flops_per_token * self.tokens + self.probe_flops
 
     @property
     def trained_parameters(self) -> int:
         return sum(p.numel() for p in _unique_parameters(self.model) if p.requires_grad)
 
     def memory_on(self, world_size: int) -> Memory:
-        return gpu_memory(self.model, self.shape, world_size)
+        return gpu_memory(self.model, self.shape, world_size, self.probe)
 
 
-def gpu_memory(model: Transformer, shape: Shape, world_size: int) -> Memory:
-    """Per GPU on `world_size` GPUs, each with the micro-batch of `shape`."""
-    return memory(model, dataclasses.replace(shape, world_size=world_size), numerics("cuda", world_size))
+def gpu_memory(model: Transformer, shape: Shape, world_size: int, probe: Transformer | None = None) -> Memory:
+    """Per GPU on `world_size` GPUs, each with the micro-batch of `shape`; `probe`: the full model that
+    --fidelity-every keeps beside it (elo.pretrain.FidelityProbe: sharded alike, checkpointed, no optimizer)."""
+    shape, n = dataclasses.replace(shape, world_size=world_size), numerics("cuda", world_size)
+    m = memory(model, shape, n)
+    if probe is None:
+        return m
+    p = memory(probe, dataclasses.replace(shape, activation_checkpointing=True), n)
+    held = 0 if shape.cpu_offload else p.parameters  # its weights, kept for the whole run
+    peak = max(m.peak + held, measuring_peak(m, p, shape.cpu_offload))
+    return dataclasses.replace(m, peak=peak, probe=peak - m.peak)
 
 
-def _plan_stage(name: str, model: Transformer, shape: Shape, steps: int | None, gpu: GPU) -> StagePlan:
-    fewest = next((w for w in WORLD_SIZES if gpu_memory(model, shape, w).peak <= gpu.usable), None)
+def measuring_peak(m: Memory, p: Memory, cpu_offload: bool) -> int:
+    """The busiest moment of a --fidelity-every measurement (between steps, the training gradients freed): the
+    training model's resident state, the probe's own peak less the optimizer it never has (every moment of a peak
+    but the step's holds that once), and both gradients of the measured layers in fp64 for the cosine."""
+    resident = m.stand_in + (0 if cpu_offload else m.parameters + m.optimizer)
+    return resident + p.peak - p.optimizer + 4 * p.gradients
+
+
+def _plan_stage(name: str, model: Transformer, shape: Shape, steps: int | None, gpu: GPU,
+                probe: Transformer | None = None, measurements: int = 0) -> StagePlan:
+    fewest = next((w for w in WORLD_SIZES if gpu_memory(model, shape, w, probe).peak <= gpu.usable), None)
+    # each measurement: the full model's and the submodel's forward and backward on a batch per language
+    probe_flops = 0.0 if probe is None else measurements * _tokens_per_step(shape) / shape.grad_accum * (
+        train_flops_per_token(probe, shape.seq_len) + train_flops_per_token(model, shape.seq_len))
     return StagePlan(name, model, shape, steps, None if steps is None else steps * _tokens_per_step(shape),
-                     train_flops_per_token(model, shape.seq_len), gpu_memory(model, shape, shape.world_size), fewest)
+                     train_flops_per_token(model, shape.seq_len), gpu_memory(model, shape, shape.world_size, probe),
+                     fewest, probe, probe_flops)
 
 
 def hours(flops: float, flops_per_s: float) -> float:
@@ -385,7 +433,11 @@ def plan(recipe: str | os.PathLike, gpu: str = "h100-80gb", mfu: float | None = 
         if name in ("align", "control") and steps is None:  # align's own rule: a token budget, by default a ninth of ELO's
             steps = math.ceil(budget_tokens(cfg.tokens, stages[0].tokens) / _tokens_per_step(shape))
         model_config = load_model_config(cfg.base) if name in ("align", "control") and cfg.base else config
-        stages.append(_plan_stage(name, stage_model(name, cfg, model_config), shape, steps, card))
+        probe = None
+        if name == "train" and getattr(cfg, "fidelity_every", 0):  # elo.pretrain.FidelityProbe's model: the oracle's
+            probe = stage_model(name, dataclasses.replace(cfg, in_situ=True, middle=None), model_config)
+        measurements = steps // cfg.fidelity_every + 1 if probe is not None and steps else 0
+        stages.append(_plan_stage(name, stage_model(name, cfg, model_config), shape, steps, card, probe, measurements))
     paper = []
     if p.model == PAPER["model"] and "train" in configs and configs["train"].mode == "elo":
         seq_len = configs["train"].seq_len
@@ -455,6 +507,10 @@ def format_plan(r: ResourcePlan) -> str:
         ("activations, no checkpointing", [_gib(x.memory.activations_plain) for x in s]),
         ("activations, checkpointing", [_gib(x.memory.activations_checkpointed) for x in s]),
         ("checkpointing in this stage", ["yes" if x.shape.activation_checkpointing else "no" for x in s]),
+        *([("middle stand-in (fp32, whole)", [_gib(x.memory.stand_in) for x in s])]
+          if any(x.memory.stand_in for x in s) else []),
+        *([("fidelity probe (full model shard, measuring)", [_gib(x.memory.probe) for x in s])]
+          if any(x.memory.probe for x in s) else []),
         ("peak", [_gib(x.memory.peak) for x in s]),
         (f"fits {r.gpu.name} on {_gpus(r.world_size)}", ["yes" if x.memory.peak <= r.gpu.usable else "no" for x in s]),
         ("fewest GPUs it fits on", [str(x.fewest_gpus) if x.fewest_gpus else f"> {WORLD_SIZES[-1]}" for x in s]),

@@ -214,8 +214,9 @@ def stage_numbers(run_dir: Path) -> dict:
 
 def arm_cost(arm: Arm) -> dict:
     """Training FLOPs of each stage the arm's models paid for (tokens x analytic FLOPs per token, as elo's planner
-    counts them: elo.pipeline.resources), plus the surrogate fit's forward passes through the full model. The
-    control's ELO stage is only the source of its alignment tokens, so it is not counted."""
+    counts them: elo.pipeline.resources, the stand-in for the middle included), plus the stand-in's fit: the linear
+    map's forward passes through the full model, or the distillation's steps. The control's ELO stage is only the
+    source of its alignment tokens, so it is not counted."""
     recipe = recipe_of(arm)
     stages = {s.name: {"tokens": s.tokens, "flops_per_token": s.flops_per_token}
               for s in resources.plan(HERE / "recipes" / arm.recipe).stages}
@@ -240,10 +241,6 @@ def arm_cost(arm: Arm) -> dict:
             stages["middle fit"] = {"tokens": train.get("middle_steps", 200) * train["batch_size"]
                                     * train.get("grad_accum", 1) * train["seq_len"],
                                     "flops_per_token": forward + train_flops_per_token(student, train["seq_len"])}
-            ends = ("model.layers.0.", f"model.layers.{config.num_hidden_layers - 1}.")
-            for name, p in student.named_parameters():  # ELO itself: the end layers train through the frozen blocks
-                p.requires_grad_(name.startswith(ends))
-            stages["train"]["flops_per_token"] = train_flops_per_token(student, train["seq_len"])
     return {"stages": stages, "flops": sum(v["tokens"] * v["flops_per_token"] for v in stages.values())}
 
 
