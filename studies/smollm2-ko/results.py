@@ -355,7 +355,7 @@ def headroom(p: Page, results: dict) -> None:
     p()
     arms = [R(n) for n in ORACLES if R(n)]
     if not arms:
-        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(ORACLES) + "`.")
+        p(f"Not run yet: {run_command(ORACLES)}.")
         p()
         return
     control, control1 = R("control"), R("seed1-control")
@@ -465,6 +465,17 @@ def fft_curve(results: dict) -> list[tuple[float, float, list[float], list[float
     return rows
 
 
+def run_command(arms) -> str:
+    return "`python studies/smollm2-ko/run.py " + " ".join(arms) + "`"
+
+
+def spread(results: dict) -> float:
+    """The noise level: the largest standard deviation between data orders of one FFT budget (section 10), or NOISE
+    before those ran."""
+    sds = [mean_sd(ko)[1] for _, _, ko, _ in fft_curve(results)]
+    return max((sd for sd in sds if sd is not None), default=NOISE)
+
+
 def mean_sd(xs: list[float]) -> tuple[float, float | None]:
     m = sum(xs) / len(xs)
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
@@ -498,20 +509,18 @@ def frontier(p: Page, results: dict) -> None:
     p()
     curve = fft_curve(results)
     if len(curve) < 2:
-        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(
-            fft_arm(pct, seed) for pct in FFT_BUDGETS for seed in range(3) if not (pct == 100 and seed < 2)) + "`.")
+        arms = [fft_arm(pct, seed) for pct in FFT_BUDGETS for seed in range(3) if not (pct == 100 and seed < 2)]
+        p(f"Not run yet: {run_command(arms)}.")
         p()
         return
-    rows, spreads = [], []
+    rows = []
     for pct, flops, ko, en in curve:
         m, sd = mean_sd(ko)
-        if sd is not None:
-            spreads.append(sd)
         rows.append([f"{pct:g}%", count(int(40960 * pct / 100)), f"{flops / 1e12:.2f}",
                      " / ".join(f(x) for x in ko), f"{f(m)} ± {f(sd)}" if sd is not None else f(m),
                      f(mean_sd(en)[0])])
     p.table(["FFT budget", "tokens", "TFLOP", "test NLL ko per data order", "mean ± sd", "test NLL en (mean)"], rows)
-    noise = max(spreads) if spreads else NOISE
+    noise = spread(results)
     p(f"The largest spread between data orders at one budget is {noise:.3f} nats (sd); a difference from the curve "
       f"counts below when it exceeds twice that.")
     p()
@@ -579,7 +588,7 @@ def fidelity(p: Page, results: dict) -> None:
     p()
     arms = [(row, arm, results.get(arm)) for row, arm in FIDELITY if fidelity_points(results.get(arm))]
     if not arms:
-        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(arm for _, arm in FIDELITY) + "`.")
+        p(f"Not run yet: {run_command(arm for _, arm in FIDELITY)}.")
         p()
         return
     same = {"e2-plain": "elo-lr6e-5", "e2-linear": "surrogate-lr6e-5"}  # the same runs without the probe
@@ -651,7 +660,7 @@ def scaling(p: Page, results: dict) -> None:
     arms = [(label, R(arm)) for label, arm in SCALING if R(arm)]
     missing = [arm for _, arm in SCALING if not R(arm)]
     if len(arms) < 2:
-        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(missing) + "`.")
+        p(f"Not run yet: {run_command(missing)}.")
         p()
         return
     curve, control = fft_curve(results), nll(R("control"), "align only", "ko")
@@ -663,15 +672,15 @@ def scaling(p: Page, results: dict) -> None:
     p.table(["ELO tokens", "read", "spliced val ko", "spliced test NLL ko / en", "+ align test NLL ko / en",
              "vs control", "TFLOP", "FFT at the same TFLOP"], rows)
     first, last = arms[0][1], arms[-1][1]
-    gain = nll(first, "elo+align", "ko") - nll(last, "elo+align", "ko")
+    gain, noise = nll(first, "elo+align", "ko") - nll(last, "elo+align", "ko"), spread(results)
     p(f"From {arms[0][0]} to {arms[-1][0]} ELO tokens the aligned Korean test NLL moves by {-gain:+.3f} nats "
       f"(the spliced model's by {nll(last, 'elo spliced', 'ko') - nll(first, 'elo spliced', 'ko'):+.3f}); "
-      + ("more ELO tokens help, beyond twice the data-order spread (0.007)." if gain > 2 * 0.007 else
-         "more ELO tokens hurt, beyond twice the data-order spread (0.007): the longer ELO trains layers 1 and 30 "
-         "through the stand-in, the further it moves them from what the full model needs." if gain < -2 * 0.007 else
-         "within twice the data-order spread (0.007): more ELO tokens do not help.")
-      + (f" Not run yet: {', '.join(missing)} (`python studies/smollm2-ko/run.py {' '.join(missing)}`, resumable)."
-         if missing else ""))
+      + (f"more ELO tokens help, beyond twice the data-order spread ({noise:.3f})." if gain > 2 * noise else
+         f"more ELO tokens hurt, beyond twice the data-order spread ({noise:.3f}): the longer ELO trains layers 1 "
+         f"and 30 through the stand-in, the further it moves them from what the full model needs."
+         if gain < -2 * noise else
+         f"within twice the data-order spread ({noise:.3f}): more ELO tokens do not help.")
+      + (f" Not run yet: {', '.join(missing)} ({run_command(missing)}, resumable)." if missing else ""))
     p()
 
 
@@ -691,27 +700,27 @@ def ends(p: Page, results: dict) -> None:
       "alignment. More layers in the submodel give the ends more of the middle's work to share, and the oracle says "
       "what the same parameters could gain with exact gradients.")
     p()
-    rows = []
+    rows, curve = [], fft_curve(results)
     control = nll(R("control"), "align only", "ko")
     for layers, elo_arm, oracle_arm in ENDS:
         e, o = R(elo_arm), R(oracle_arm)
         if e is None and o is None:
             continue
+        elo_cost = cost(e, "elo+align")
         rows.append([layers, f(nll(e, "elo spliced", "ko")), f(nll(e, "elo+align", "ko")),
                      delta(nll(e, "elo+align", "ko"), control) if e else "—",
-                     f"{cost(e, 'elo+align') / 1e12:.1f}" if e else "—", against_fft(fft_curve(results), cost(e, "elo+align")),
+                     f"{elo_cost / 1e12:.1f}" if e else "—", against_fft(curve, elo_cost),
                      f(nll(o, "elo+align", "ko")), delta(nll(o, "elo+align", "ko"), control) if o else "—"])
     missing = [a for _, e, o in ENDS for a in (e, o) if not R(a)]
     if len(rows) < 2:
-        p("Not run yet: `python studies/smollm2-ko/run.py " + " ".join(missing) + "`.")
+        p(f"Not run yet: {run_command(missing)}.")
         p()
         return
     p.table(["layers", "ELO spliced test NLL ko", "ELO + align", "vs control", "TFLOP", "FFT at the same TFLOP",
              "oracle + align", "vs control"], rows)
-    p(f"The control (alignment alone) is at {f(control)}; differences within 0.014 (twice the data-order spread) "
-      f"are noise."
-      + (f" Not run yet: {', '.join(missing)} (`python studies/smollm2-ko/run.py {' '.join(missing)}`)." if missing
-         else ""))
+    p(f"The control (alignment alone) is at {f(control)}; differences within {2 * spread(results):.3f} (twice the "
+      f"data-order spread) are noise."
+      + (f" Not run yet: {', '.join(missing)} ({run_command(missing)})." if missing else ""))
     p()
 
 
