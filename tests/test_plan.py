@@ -13,6 +13,7 @@ two run this file as a script under torchrun (gloo), as tests/test_train.py runs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -53,7 +54,7 @@ CASES = {"elo": dict(layers="1,4"), "elo, grad_accum 2": dict(layers="1,4", grad
          "full, checkpointing": dict(layers="all", activation_checkpointing=True),
          "full, grad_accum 2": dict(layers="all", grad_accum=2),
          "elo, linear middle": dict(layers="1,4", middle="linear"),
-         "elo, distilled middle": dict(layers="1,4", middle="distilled:2")}
+         "elo, distilled middle": dict(layers="1,4", middle="distilled:1")}
 ONE_PROCESS = ["elo, grad_accum 2", "lora", "full, checkpointing", "elo, linear middle", "elo, distilled middle"]
 TWO_PROCESSES = ["elo", "full, grad_accum 2"]
 
@@ -67,10 +68,15 @@ def stage_config(checkpoint: Path, case: str) -> TrainConfig:
 
 def stand_in(checkpoint: Path, cfg: TrainConfig):
     """The run's --middle stand-in for layers 1,4, as train.py builds it (the distilled blocks at their start)."""
+    return _stand_in(checkpoint, cfg.middle)
+
+
+@functools.cache  # frozen, so two tests may share one (the distillation's fidelity gate takes seconds)
+def _stand_in(checkpoint: Path, middle: MiddleChoice):
     ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    if cfg.middle.kind == "linear":
+    if middle.kind == "linear":
         return fit_middle(str(checkpoint), "1,4", [ids] * 4, tokens=3 * BATCH * SEQ)
-    return distill_middle(str(checkpoint), "1,4", [ids] * 2, tokens=BATCH * SEQ, blocks=cfg.middle.blocks, steps=0)
+    return distill_middle(str(checkpoint), "1,4", [ids] * 2, tokens=BATCH * SEQ, blocks=middle.blocks, steps=0)
 
 
 class Tracker(MemTracker):
