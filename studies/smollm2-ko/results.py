@@ -804,6 +804,15 @@ def summary(p: Page, results: dict) -> None:
           f"{f(oracle)} after alignment: a stand-in as faithful as the full model and nearly free would beat full "
           f"fine-tuning at ELO's cost by {on_curve(curve, elo_cost) - oracle:.3f} ({len(orders)} data order"
           f"{'s' if len(orders) > 1 else ''}{edge}), so the headroom is real, but no bridge here reaches it.")
+    scaled = [(label, R(arm)) for label, arm in SCALING if R(arm)]
+    if len(scaled) > 1:
+        change = nll(scaled[-1][1], "elo+align", "ko") - nll(scaled[0][1], "elo+align", "ko")
+        verdict = "make it worse" if change > 2 * spread(results) else "help" if change < -2 * spread(results) \
+            else "do not help"
+        p(f"- **More ELO tokens {verdict} (section 12).** The linear-surrogate arm on "
+          + ", ".join(label.split(" (")[0] for label, _ in scaled) + " ELO tokens: spliced "
+          + " → ".join(f(nll(r, "elo spliced", "ko")) for _, r in scaled) + ", after alignment "
+          + " → ".join(f(nll(r, "elo+align", "ko")) for _, r in scaled) + " (Korean test NLL).")
     p("- One seed per arm (two for the headline comparison), N = 40,960 tokens, a 135M model: the paper's claims are "
       "about 7-8B models and 10 GB of text. What holds at 135M need not hold there, and the reverse.")
     p()
