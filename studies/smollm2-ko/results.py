@@ -700,26 +700,36 @@ def ends(p: Page, results: dict) -> None:
       "alignment. More layers in the submodel give the ends more of the middle's work to share, and the oracle says "
       "what the same parameters could gain with exact gradients.")
     p()
-    rows, curve = [], fft_curve(results)
+    rows, curve, best_case = [], fft_curve(results), {}
     control = nll(R("control"), "align only", "ko")
     for layers, elo_arm, oracle_arm in ENDS:
         e, o = R(elo_arm), R(oracle_arm)
         if e is None and o is None:
             continue
         elo_cost = cost(e, "elo+align")
+        ref = on_curve(curve, elo_cost) if elo_cost is not None else None
+        oracle = nll(o, "elo+align", "ko")
+        if oracle is not None and ref is not None:
+            best_case[layers] = oracle - ref
         rows.append([layers, f(nll(e, "elo spliced", "ko")), f(nll(e, "elo+align", "ko")),
                      delta(nll(e, "elo+align", "ko"), control) if e else "—",
                      f"{elo_cost / 1e12:.1f}" if e else "—", against_fft(curve, elo_cost),
-                     f(nll(o, "elo+align", "ko")), delta(nll(o, "elo+align", "ko"), control) if o else "—"])
+                     f(oracle), delta(oracle, control) if o else "—",
+                     f"{best_case[layers]:+.3f}" if layers in best_case else "—"])
     missing = [a for _, e, o in ENDS for a in (e, o) if not R(a)]
     if len(rows) < 2:
         p(f"Not run yet: {run_command(missing)}.")
         p()
         return
     p.table(["layers", "ELO spliced test NLL ko", "ELO + align", "vs control", "TFLOP", "FFT at the same TFLOP",
-             "oracle + align", "vs control"], rows)
-    p(f"The control (alignment alone) is at {f(control)}; differences within {2 * spread(results):.3f} (twice the "
-      f"data-order spread) are noise."
+             "oracle + align", "vs control", "oracle minus FFT at ELO's TFLOP"], rows)
+    noise = spread(results)
+    widest = min(best_case, key=best_case.get) if best_case else None
+    p(f"The control (alignment alone) is at {f(control)}; differences within {2 * noise:.3f} (twice the "
+      f"data-order spread) are noise. The last column is the best case for a bridge on those layers: a stand-in as "
+      f"faithful as the full model and free would reach the oracle's quality at plain ELO's cost."
+      + (f" Its largest margin over full fine-tuning is {-best_case[widest]:.3f} nats (layers {widest}), "
+         + ("beyond" if -best_case[widest] > 2 * noise else "within") + " twice the spread." if widest else "")
       + (f" Not run yet: {', '.join(missing)} ({run_command(missing)})." if missing else ""))
     p()
 
