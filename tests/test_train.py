@@ -14,7 +14,7 @@ import elo
 from elo.hf.checkpoint import CheckpointReader
 from elo.pretrain import TrainConfig, config_from_args, train
 from elo.train.loop import lr_at
-from tests.conftest import SAMPLE, killer
+from tests.conftest import SAMPLE, build_smollm2_vocab_llama, killer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -427,18 +427,9 @@ def test_peak_flops_sets_what_mfu_is_measured_against(run_env, tmp_path):
 @pytest.fixture(scope="module")
 def six_layers(run_env, tmp_path_factory) -> Path:
     """A 6-layer tiny Llama with an untied head and run_env's tokenizer: room for ends of two layers around a gap."""
-    import transformers
-
     root, _, _ = run_env
-    directory = tmp_path_factory.mktemp("six-layers") / "model"
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(1)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(root / "model" / name, directory / name)
-    return directory
+    return build_smollm2_vocab_llama(tmp_path_factory.mktemp("six-layers") / "model", root / "model", layers=6,
+                                     tied=False, seed=1)
 
 
 def on_model(run_env, model: Path, out: Path, *extra) -> list[str]:
