@@ -439,6 +439,18 @@ PLACED = (("ELO (1,30) + align", "table1", "elo+align"), ("ELO (1,30) + align, o
           ("oracle lr 2e-4 + align (bound), order 1", "oracle-lr2e-4-s1", "elo+align"),
           ("oracle lr 2e-4 + align (bound), order 2", "oracle-lr2e-4-s2", "elo+align"),
           ("oracle lr 6e-4 + align (bound)", "oracle-lr6e-4", "elo+align"),
+          ("oracle lr 6e-4 + align (bound), order 1", "oracle-lr6e-4-s1", "elo+align"),
+          ("oracle lr 6e-4 + align (bound), order 2", "oracle-lr6e-4-s2", "elo+align"),
+          ("oracle lr 2e-3 + align (bound)", "oracle-lr2e-3", "elo+align"),
+          ("linear surrogate ELO on 0.4M tokens + align", "scale-0.4M", "elo+align"),
+          ("linear surrogate ELO on 1.2M tokens + align", "scale-1.2M", "elo+align"),
+          ("linear surrogate ELO on 4M tokens + align", "scale-4M", "elo+align"),
+          ("ELO (1,2,29,30) + align", "ends-4", "elo+align"),
+          ("ELO (1,2,3,28,29,30) + align", "ends-6", "elo+align"),
+          ("ELO (1,30) + embeddings + align", "embed", "elo+align"),
+          ("oracle (1,2,29,30) + align (bound)", "oracle-ends-4", "elo+align"),
+          ("oracle (1,2,3,28,29,30) + align (bound)", "oracle-ends-6", "elo+align"),
+          ("oracle (1,30) + embeddings + align (bound)", "oracle-embed", "elo+align"),
           ("LoRA r16 (N)", "table1", "lora"))
 COSTED = {"elo+align": ("train", "align", "middle fit"), "elo spliced": ("train", "middle fit"), "align only": ("align",),
           "lora": ("lora",), "elo+align without fit": ("train", "align")}  # the last: a stand-in fitted once, reused
@@ -981,7 +993,7 @@ def figures(results: dict, out: Path) -> list[str]:
         made.append(FIGURES[1])
     curve = fft_curve(results)
     if len(curve) >= 2:
-        fig, ax = plt.subplots(figsize=(8.5, 4))
+        fig, ax = plt.subplots(figsize=(9.5, 5))
         xs = [c / 1e12 for _, c, _, _ in curve]
         ax.plot(xs, [mean_sd(ko)[0] for _, _, ko, _ in curve], "k-", lw=1, label="full fine-tuning (mean)")
         for (_, c, ko, _) in curve:
@@ -996,7 +1008,7 @@ def figures(results: dict, out: Path) -> list[str]:
                 continue
             name = row.rsplit(", order", 1)[0]
             new = name not in colors
-            colors.setdefault(name, f"C{len(colors)}")
+            colors.setdefault(name, plt.get_cmap("tab20")(len(colors) % 20))
             ax.plot(x / 1e12, y, next(m for k, m in marks.items() if row.startswith(k)), color=colors[name],
                     label=name if new else None, alpha=0.8)
         if nll(results.get("base"), "base", "ko") is not None:
