@@ -19,7 +19,6 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-import elo
 from elo.data import sources
 from elo.data.chat_data import build_chat_source, read_chat_source
 from elo.data.sources import parse_source

@@ -490,7 +490,7 @@ def test_train_embeddings_trains_embedding_norm_and_head_and_splices_them(run_en
     expected = {"model.embed_tokens.weight", "model.norm.weight", *([] if tied else ["lm_head.weight"])}
     changed = changed_in_submodel(out, base)
     assert expected <= changed and {n for n in changed if n not in expected} == {
-        n for n in changed if n.startswith((f"model.layers.0.", f"model.layers.{last}."))}
+        n for n in changed if n.startswith(("model.layers.0.", f"model.layers.{last}."))}
     assert ("lm_head.weight" in CheckpointReader(out / "model").keys()) == (not tied)
 
     spliced_dir = elo.splice_checkpoint(base, out / "model", tmp_path / "spliced")

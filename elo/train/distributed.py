@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,6 @@ def parallelize(model: nn.Module, d: Dist, activation_checkpointing: bool = Fals
     """
     for layer in model.model.layers.values():
         if activation_checkpointing:
-            from torch.distributed._composable import checkpoint
-
             checkpoint(layer)
         if compile:
             layer.compile()
@@ -87,9 +88,6 @@ def parallelize(model: nn.Module, d: Dist, activation_checkpointing: bool = Fals
         return model
     if cpu_offload and d.device.type != "cuda":
         raise ValueError(CPU_OFFLOAD_NEEDS_CUDA)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     # an explicit mesh: on a host with GPUs the default mesh goes to CUDA while gloo runs on CPU (pytorch #132471)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     if bf16 is None:
