@@ -30,9 +30,10 @@ def load(results_dir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
 
 
-def nll(r: dict | None, label: str, lang: str) -> float | None:
+def nll(r: dict | None, label: str, lang: str, measure: str = "nll_per_token") -> float | None:
+    """Model `label` of arm `r` on the `lang` test text: NLL per token, or `measure="bits_per_byte"`."""
     try:
-        return r["models"][label]["nll"][lang]["nll_per_token"]
+        return r["models"][label]["nll"][lang][measure]
     except (KeyError, TypeError):
         return None
 
@@ -528,10 +529,12 @@ def frontier(p: Page, results: dict) -> None:
     rows = []
     for pct, flops, ko, en in curve:
         m, sd = mean_sd(ko)
+        bpb = [nll(results.get(fft_arm(pct, seed)), "fft", "ko", "bits_per_byte") for seed in range(3)]
         rows.append([f"{pct:g}%", count(int(40960 * pct / 100)), f"{flops / 1e12:.2f}",
                      " / ".join(f(x) for x in ko), f"{f(m)} ± {f(sd)}" if sd is not None else f(m),
-                     f(mean_sd(en)[0])])
-    p.table(["FFT budget", "tokens", "TFLOP", "test NLL ko per data order", "mean ± sd", "test NLL en (mean)"], rows)
+                     f(mean_sd([x for x in bpb if x is not None])[0]), f(mean_sd(en)[0])])
+    p.table(["FFT budget", "tokens", "TFLOP", "test NLL ko per data order", "mean ± sd", "bits/byte ko (mean)",
+             "test NLL en (mean)"], rows)
     noise = spread(results)
     p(f"The largest spread between data orders at one budget is {noise:.3f} nats (sd); a difference from the curve "
       f"counts below when it exceeds twice that.")
@@ -543,12 +546,14 @@ def frontier(p: Page, results: dict) -> None:
         if x is None or y is None:
             continue
         ref = on_curve(curve, x)
-        rows.append([row, f"{x / 1e12:.2f}", f(y), f(ref), delta(y, ref) if ref is not None else "off the curve"])
+        rows.append([row, f"{x / 1e12:.2f}", f(y), f(nll(r, label.removesuffix(" without fit"), "ko", "bits_per_byte")),
+                     f(ref), delta(y, ref) if ref is not None else "off the curve"])
         if ref is not None and y < ref - 2 * noise:
             below.append(row)
-    p.table(["model", "TFLOP", "test NLL ko", "FFT at the same TFLOP", "difference"], rows)
+    p.table(["model", "TFLOP", "test NLL ko", "bits/byte ko", "FFT at the same TFLOP", "difference"], rows)
     p("FFT at the same TFLOP: the mean curve above, linear in log FLOPs between the two budgets around the arm. "
-      "Figure: `fig_frontier.png`.")
+      "Bits/byte: the same test loss in bits per UTF-8 byte of the text (`evaluate.py --ppl`), comparable across "
+      "tokenizers; every model here shares SmolLM2's, so it ranks them as NLL does. Figure: `fig_frontier.png`.")
     p()
     chosen = best_oracle(results)  # the oracle's learning rate chosen on validation, with its data-order replicates
     replicates = (chosen, f"{chosen}-s1", f"{chosen}-s2") if chosen else ()
