@@ -671,8 +671,9 @@ def scaling(p: Page, results: dict) -> None:
       "stand-in whose spliced model improves on the base) at lr 6e-5 on 0.4M, 1.2M and 4M ELO tokens, 10 to 100 times "
       "0.9 N, with the surrogate fitted once on 12,000 tokens. Alignment is fixed at 8 steps (4,096 tokens) continuing "
       "each run's stream, as the control's, so each arm aligns on different tokens (which tokens alone moved the "
-      "NLL by 0.02 in section 10's caveat); the spliced columns, before alignment, have no such confound. TFLOP: "
-      "ELO, the fit and alignment.")
+      "NLL by 0.02 in section 10's caveat); the spliced columns, before alignment, have no such confound. ELO's own "
+      "val: the submodel's Korean validation loss at the end of ELO, what ELO optimizes. TFLOP: ELO, the fit and "
+      "alignment.")
     p()
     arms = [(label, R(arm)) for label, arm in SCALING if R(arm)]
     missing = [arm for _, arm in SCALING if not R(arm)]
@@ -681,17 +682,21 @@ def scaling(p: Page, results: dict) -> None:
         p()
         return
     curve, control = fft_curve(results), nll(R("control"), "align only", "ko")
-    rows = [[label, count(r["stages"]["train"]["tokens"]), f(_spliced(r, "ko")),
+    rows = [[label, count(r["stages"]["train"]["tokens"]), f(r["stages"]["train"]["val_loss"].get("val_loss/ko")),
+             f(_spliced(r, "ko")),
              f"{f(nll(r, 'elo spliced', 'ko'))} / {f(nll(r, 'elo spliced', 'en'))}",
              f"{f(nll(r, 'elo+align', 'ko'))} / {f(nll(r, 'elo+align', 'en'))}",
              delta(nll(r, "elo+align", "ko"), control), f"{cost(r, 'elo+align') / 1e12:.1f}",
              against_fft(curve, cost(r, "elo+align"))] for label, r in arms]
-    p.table(["ELO tokens", "read", "spliced val ko", "spliced test NLL ko / en", "+ align test NLL ko / en",
+    p.table(["ELO tokens", "read", "ELO's own val ko", "spliced val ko", "spliced test NLL ko / en",
+             "+ align test NLL ko / en",
              "vs control", "TFLOP", "FFT at the same TFLOP"], rows)
     first, last = arms[0][1], arms[-1][1]
     gain, noise = nll(first, "elo+align", "ko") - nll(last, "elo+align", "ko"), spread(results)
     p(f"From {arms[0][0]} to {arms[-1][0]} ELO tokens the aligned Korean test NLL moves by {-gain:+.3f} nats "
-      f"(the spliced model's by {nll(last, 'elo spliced', 'ko') - nll(first, 'elo spliced', 'ko'):+.3f}); "
+      f"(the spliced model's by {nll(last, 'elo spliced', 'ko') - nll(first, 'elo spliced', 'ko'):+.3f}, while "
+      f"the submodel's own validation loss, the surrogate in the middle's place, falls by "
+      f"{first['stages']['train']['val_loss']['val_loss/ko'] - last['stages']['train']['val_loss']['val_loss/ko']:.3f}); "
       + (f"more ELO tokens help, beyond twice the data-order spread ({noise:.3f})." if gain > 2 * noise else
          f"more ELO tokens hurt, beyond twice the data-order spread ({noise:.3f}): the longer ELO trains layers 1 "
          f"and 30 through the stand-in, the further it moves them from what the full model needs."
