@@ -383,8 +383,8 @@ def headroom(p: Page, results: dict) -> None:
         else ""
     p(f"Chosen on validation (lowest Korean loss after alignment): **{lr_text(best['lr'])}**{edge}. Its Korean test NLL after "
       f"alignment is {f(nll(best, 'elo+align', 'ko'))} against {f(nll(control, 'align only', 'ko'))} for the same "
-      f"alignment on the base alone (control): {abs(gain):.3f} nats {'better' if gain > 0 else 'worse'}; the noise level is the largest standard "
-      f"deviation between data orders at one FFT budget (section 10), {noise:.3f}.")
+      f"alignment on the base alone (control): {abs(gain):.3f} nats {'better' if gain > 0 else 'worse'}; the noise "
+      f"level is the largest standard deviation between data orders at one FFT budget (section 10), {noise:.3f}.")
     p()
     for arm in ORACLES:
         pairs = [(k, nll(R(o), "elo+align", "ko"), nll(R(c), "align only", "ko"))
@@ -540,12 +540,12 @@ def frontier(p: Page, results: dict) -> None:
     p()
     rows, below = [], []
     for row, arm, label in PLACED:
-        r = results.get(arm)
-        x, y = cost(r, label), nll(r, label.removesuffix(" without fit"), "ko")
+        r, model = results.get(arm), label.removesuffix(" without fit")
+        x, y = cost(r, label), nll(r, model, "ko")
         if x is None or y is None:
             continue
         ref = on_curve(curve, x)
-        rows.append([row, f"{x / 1e12:.2f}", f(y), f(nll(r, label.removesuffix(" without fit"), "ko", "bits_per_byte")),
+        rows.append([row, f"{x / 1e12:.2f}", f(y), f(nll(r, model, "ko", "bits_per_byte")),
                      f(ref), delta(y, ref) if ref is not None else "off the curve"])
         if ref is not None and y < ref - 2 * noise:
             below.append(row)
